@@ -1,0 +1,22 @@
+"""Errors regfx raises on purpose. Every one of them derives from :class:`RegfxError`."""
+
+from __future__ import annotations
+
+
+class RegfxError(Exception):
+    """Root of every error regfx raises on purpose.
+
+    The message is always one line that says what went wrong and how to fix it.
+    """
+
+
+class LoadError(RegfxError):
+    """A MODEL argument could not be turned into an ``nn.Module``."""
+
+
+class SelectionError(RegfxError):
+    """A layer-type word, class path or glob is invalid, or (strict mode) matches nothing."""
+
+
+class TraceError(RegfxError):
+    """Tracing could not proceed (raised only for misuse, never for untraceable code)."""

@@ -1,0 +1,218 @@
+"""Turn a MODEL argument of the CLI into an ``nn.Module`` (plus optional inputs and optimizer).
+
+MODEL is ``path/to/file.py``, ``path/to/file.py:factory`` or ``package.module:factory``. Without a
+factory name, the file's ``build_model``, ``get_model``, then ``model`` is used: a callable
+returning an ``nn.Module``, or a module instance. The file may also define ``example_inputs()``
+and ``build_optimizer(model)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from regfx.errors import LoadError
+
+__all__ = ["LoadedModel", "load_model", "DEFAULT_FACTORIES"]
+
+DEFAULT_FACTORIES = ("build_model", "get_model", "model")
+
+
+@dataclass
+class LoadedModel:
+    """What a MODEL argument provides.
+
+    Attributes:
+        model: the module.
+        spec: the MODEL argument as given.
+        source: the file the model came from (None for an installed package).
+        example_inputs: result of the file's ``example_inputs()``, or None.
+        optimizer_factory: the file's ``build_optimizer``, or None.
+    """
+
+    model: nn.Module
+    spec: str
+    source: Path | None
+    example_inputs: Any = None
+    optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+
+    def build_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer | None:
+        """Call the file's ``build_optimizer`` on ``model`` (default: the loaded model)."""
+        if self.optimizer_factory is None:
+            return None
+        target = self.model if model is None else model
+        try:
+            opt = self.optimizer_factory(target)
+        except Exception as exc:  # noqa: BLE001 - user code; report in one line
+            raise LoadError(
+                f"build_optimizer() in {self.spec} raised {_describe(exc)}; "
+                "fix the function or remove it"
+            ) from exc
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise LoadError(
+                f"build_optimizer() in {self.spec} returned {type(opt).__name__}, not a "
+                "torch.optim.Optimizer; return the optimizer instance"
+            )
+        return opt
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    where = ""
+    tb = traceback.extract_tb(exc.__traceback__)
+    if tb:
+        frame = tb[-1]
+        where = f" at {Path(frame.filename).name}:{frame.lineno}"
+    return f"{type(exc).__name__}: {first}{where}" if first else f"{type(exc).__name__}{where}"
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    # A Windows drive letter ("C:\\...") is not a factory separator.
+    head, sep, tail = spec.rpartition(":")
+    if not sep or (len(head) == 1 and head.isalpha()) or "/" in tail or "\\" in tail:
+        return spec, None
+    return head, tail or None
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+
+
+def _import_file(path: Path, spec: str) -> ModuleType:
+    if not path.exists():
+        raise LoadError(f"model file {str(path)!r} does not exist; check the path in {spec!r}")
+    if path.is_dir():
+        raise LoadError(f"{str(path)!r} is a directory; give a .py file (path/to/model.py)")
+    name = f"regfx_model_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise LoadError(f"cannot import {str(path)!r}; give a Python file ending in .py")
+    module = importlib.util.module_from_spec(module_spec)
+    with _on_sys_path(path.parent.resolve()):
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise LoadError(
+                f"syntax error in {path}:{exc.lineno}: {exc.msg}; fix the file"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - user code; report in one line
+            raise LoadError(f"importing {path} raised {_describe(exc)}; fix the file") from exc
+    return module
+
+
+def _import_package(dotted: str, spec: str) -> ModuleType:
+    try:
+        return importlib.import_module(dotted)
+    except ModuleNotFoundError as exc:
+        raise LoadError(
+            f"cannot import module {dotted!r} ({exc}); give path/to/file.py or an "
+            f"installed package.module:factory"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise LoadError(f"importing {dotted!r} raised {_describe(exc)}; fix the module") from exc
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load the model named by a MODEL argument.
+
+    Args:
+        spec: ``path/to/file.py``, ``path/to/file.py:factory`` or ``package.module:factory``.
+
+    Returns:
+        A :class:`LoadedModel`.
+
+    Raises:
+        LoadError: the file is missing or does not import, no model is found, the factory
+            raises or returns something other than an ``nn.Module`` (one-line message).
+
+    Example:
+        >>> load_model("fixtures/cnn.py").model
+        SmallCNN(...)
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise LoadError("MODEL is empty; give path/to/file.py[:factory] or package.module:factory")
+    target, factory_name = _split_spec(spec.strip())
+    source: Path | None
+    if target.endswith(".py") or "/" in target or "\\" in target or Path(target).exists():
+        source = Path(target)
+        module = _import_file(source, spec)
+    else:
+        if factory_name is None:
+            raise LoadError(
+                f"{spec!r} is neither a .py file nor package.module:factory; "
+                f"give path/to/file.py or package.module:factory"
+            )
+        source = None
+        module = _import_package(target, spec)
+
+    if factory_name is not None:
+        if not hasattr(module, factory_name):
+            raise LoadError(f"{target} has no {factory_name!r}; define it or name another factory")
+        obj = getattr(module, factory_name)
+        used = factory_name
+    else:
+        for candidate in DEFAULT_FACTORIES:
+            if hasattr(module, candidate):
+                obj = getattr(module, candidate)
+                used = candidate
+                break
+        else:
+            raise LoadError(
+                f"no model found in {target}: define build_model(), get_model() or model, "
+                f"or name a factory with {target}:NAME"
+            )
+
+    if isinstance(obj, nn.Module):
+        model = obj
+    elif callable(obj):
+        try:
+            model = obj()
+        except Exception as exc:  # noqa: BLE001 - user code; report in one line
+            raise LoadError(f"{used}() in {target} raised {_describe(exc)}; fix the factory") from exc
+        if not isinstance(model, nn.Module):
+            raise LoadError(
+                f"{used}() in {target} returned {type(model).__name__}, not an nn.Module; "
+                "return the model instance"
+            )
+    else:
+        raise LoadError(
+            f"{used} in {target} is a {type(obj).__name__}, not an nn.Module or a factory; "
+            "define a function returning the model"
+        )
+
+    example = None
+    make_inputs = getattr(module, "example_inputs", None)
+    if callable(make_inputs):
+        try:
+            example = make_inputs()
+        except Exception as exc:  # noqa: BLE001
+            raise LoadError(
+                f"example_inputs() in {target} raised {_describe(exc)}; fix it or remove it"
+            ) from exc
+    opt_factory = getattr(module, "build_optimizer", None)
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        source=source,
+        example_inputs=example,
+        optimizer_factory=opt_factory if callable(opt_factory) else None,
+    )

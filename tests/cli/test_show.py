@@ -1,0 +1,99 @@
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from regfx.cli import cli, main
+
+from ..conftest import MODEL_FIXTURES, fixture_path
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out = capsys.readouterr()
+    return int(info.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FIXTURES))
+def test_show_text_every_fixture(name: str) -> None:
+    code, out, _ = run("show", str(fixture_path(name)))
+    assert code == 0
+    assert "Layers by type" in out
+    if not MODEL_FIXTURES[name]:
+        assert "Opaque modules" in out
+
+
+@pytest.mark.parametrize("fmt", ["json", "mermaid", "dot"])
+def test_show_formats(fmt: str) -> None:
+    code, out, _ = run("show", str(fixture_path("resnet")), "--format", fmt, "--depth", "1")
+    assert code == 0
+    if fmt == "json":
+        data = json.loads(out)
+        assert data["model"] == "ResNet" and data["fully_traced"] is True
+        assert data["by_type"]["conv"]["count"] == 8
+    elif fmt == "mermaid":
+        assert out.startswith("flowchart TD")
+        assert '["layer1<br/>Sequential"]' in out
+    else:
+        assert out.startswith("digraph model {") and '"layer1" -> "layer2";' in out
+
+
+def test_show_opaque_marked_in_mermaid() -> None:
+    code, out, _ = run("show", str(fixture_path("control_flow")), "--format", "mermaid")
+    assert code == 0 and "classDef opaque" in out
+
+
+def test_show_writes_file_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "inv.json"
+    code, out, _ = run("show", str(fixture_path("mlp")), "--format", "json", "-o", str(target))
+    assert code == 0 and out == ""
+    assert json.loads(target.read_text())["model"] == "MLP"
+    assert [p.name for p in tmp_path.iterdir()] == ["inv.json"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("missing.py", "does not exist"),
+        ("{tmp}/syntax.py", "syntax error"),
+        ("{tmp}/empty.py", "no model found"),
+        ("{tmp}/raises.py", "raised ValueError"),
+        ("{tmp}/notmodule.py", "not an nn.Module"),
+    ],
+)
+def test_bad_model_arguments_exit_2_one_line(tmp_path: Path, spec: str, message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "syntax.py").write_text("def build_model(:\n")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    (tmp_path / "raises.py").write_text("def build_model():\n    raise ValueError('bad')\n")
+    (tmp_path / "notmodule.py").write_text("def build_model():\n    return [1]\n")
+    code, out, err = run_main(["show", spec.format(tmp=tmp_path)], capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("regfx: error:")
+    assert "Traceback" not in err
+
+
+def test_debug_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["--debug", "show", str(tmp_path / "missing.py")], capsys)
+    assert code == 2 and "Traceback" in err
+
+
+def test_unwritable_output_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "no" / "such" / "dir.txt"
+    code, _, err = run_main(["show", str(fixture_path("mlp")), "-o", str(target)], capsys)
+    assert code == 2 and "does not exist" in err
+    assert not target.parent.exists()
+
+
+def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["show", str(fixture_path("mlp")), "--format", "xml"], capsys)
+    assert code == 2 and "xml" in err
