@@ -1,18 +1,43 @@
 """regfx: automatic, auditable regularization for PyTorch models, driven by torch.fx graphs."""
 
+from regfx.apply import (
+    CheckpointError,
+    Plan,
+    RegfxWarning,
+    bake,
+    load_checkpoint,
+    load_state_dict,
+    plan,
+    save_checkpoint,
+    transform,
+)
 from regfx.errors import LoadError, RegfxError, SelectionError, TraceError
 from regfx.graph import ModelGraph
+from regfx.recipe import Recipe, RecipeError
 from regfx.select import WORDS, parse_types, select_layers
 from regfx.trace import trace
+from regfx.transforms.penalty import penalty
 
 __all__ = [
     "RegfxError",
     "LoadError",
     "SelectionError",
     "TraceError",
+    "RecipeError",
+    "CheckpointError",
+    "RegfxWarning",
     "ModelGraph",
+    "Plan",
+    "Recipe",
     "WORDS",
+    "bake",
+    "load_checkpoint",
+    "load_state_dict",
     "parse_types",
+    "penalty",
+    "plan",
+    "save_checkpoint",
     "select_layers",
     "trace",
+    "transform",
 ]

@@ -124,7 +124,7 @@ class _Builder:
         self.names: dict[int, str] = {}
         self.modules: dict[str, nn.Module] = {}
         for name, mod in model.named_modules():
-            if _is_inserted_path(name):
+            if "parametrizations" in name.split("."):
                 continue
             self.names.setdefault(id(mod), name)
             self.modules.setdefault(name, mod)

@@ -1,0 +1,394 @@
+"""plan -> apply: ``regfx.plan``, ``regfx.transform``, ``bake``, state dicts and checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from regfx.errors import RegfxError, SelectionError
+from regfx.graph import ModelGraph
+from regfx.recipe import Recipe
+from regfx.select import parse_types, select_layers
+from regfx.trace import trace
+from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
+from regfx.transforms.norms import NormSite, apply_norms, fold_norms, plan_norms
+from regfx.transforms.penalty import PenaltySpec, apply_penalty, plan_penalty, remove_penalty
+
+__all__ = ["Plan", "plan", "transform", "bake", "load_state_dict", "save_checkpoint",
+           "load_checkpoint", "CheckpointError", "RegfxWarning", "recipe_of"]
+
+CHECKPOINT_FORMAT = "regfx-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RegfxError):
+    """A checkpoint is unreadable, truncated, not a regfx checkpoint, or does not match."""
+
+
+class RegfxWarning(UserWarning):
+    """Something regfx did is probably not what was meant (a type word matching nothing...)."""
+
+
+@dataclass
+class Plan:
+    """What a recipe does to a model, resolved against its graph. Pure data.
+
+    Attributes:
+        recipe: the validated recipe.
+        dropout: dropout sites.
+        norms: weight/spectral norm sites.
+        penalty: the penalized parameters and coefficients, or None.
+        skipped: ``(layer, regularizer, reason)`` for selected layers left alone.
+        warnings: one-line messages (type words matching no layer...).
+    """
+
+    recipe: Recipe
+    dropout: list[DropoutSite] = field(default_factory=list)
+    norms: list[NormSite] = field(default_factory=list)
+    penalty: PenaltySpec | None = None
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per site: ``site``, ``kind``, ``parameters`` (for tables and JSON)."""
+        out: list[dict[str, Any]] = []
+        for s in self.dropout:
+            site = s.layer if s.call_index == 0 else f"{s.layer}#{s.call_index}"
+            out.append({"site": site, "kind": "dropout",
+                        "parameters": f"{s.module_cls}(p={s.p:g}) {s.where}"})
+        for n in self.norms:
+            extra = f", tied with {', '.join(n.aliases)}" if n.aliases else ""
+            detail = f"dim={n.dim}" + (f", n_power_iterations={n.n_power_iterations}"
+                                       if n.kind == "spectral_norm" else "")
+            out.append({"site": f"{n.layer}.weight", "kind": n.kind, "parameters": detail + extra})
+        if self.penalty is not None:
+            for name in self.penalty.params:
+                for kind, value in (("l1", self.penalty.l1), ("l2", self.penalty.l2)):
+                    if value:
+                        out.append({"site": name, "kind": kind, "parameters": f"{kind}={value:g}"})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "sites": self.rows(),
+            "skipped": [{"site": a, "kind": b, "reason": c} for a, b, c in self.skipped],
+            "warnings": list(self.warnings),
+        }
+
+
+_DEFAULTS = {
+    "dropout": None, "dropout_after": "linear", "spectral": None, "weight_norm": None,
+    "l1": 0.0, "l2": 0.0, "penalty_on": "linear,conv", "include": (), "exclude": (),
+}
+
+
+def _merge(recipe: Recipe | None, overrides: dict[str, Any]) -> Recipe:
+    base = recipe if recipe is not None else Recipe()
+    if not isinstance(base, Recipe):
+        raise RegfxError(f"recipe must be a regfx.Recipe, got {type(base).__name__}; "
+                         "use regfx.Recipe(...) or Recipe.from_toml(path)")
+    changes = {}
+    for key, value in overrides.items():
+        if value is None and key not in ("dropout", "spectral", "weight_norm"):
+            continue
+        default = _DEFAULTS.get(key, None)
+        if key in ("include", "exclude"):
+            value = (value,) if isinstance(value, str) else tuple(value)
+        if recipe is None or value != default:
+            changes[key] = value
+    return (Recipe(**{**base.to_dict(), "include": base.include, "exclude": base.exclude,
+                      **changes})).validate()
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise RegfxError(f"expected an nn.Module, got {type(model).__name__}; pass the model")
+    wrapped = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    if isinstance(model, wrapped):
+        raise RegfxError(
+            f"model is wrapped in {type(model).__name__}; transform the inner model "
+            "(model.module) first, then wrap the result"
+        )
+
+
+def _unmatched(model: nn.Module, spec: str | None, field_name: str) -> list[str]:
+    if not spec:
+        return []
+    out = []
+    for term in parse_types(spec).terms:
+        if not select_layers(model, term):
+            out.append(f"{field_name}: layer type {term!r} matches no layer of "
+                       f"{type(model).__name__}")
+    return out
+
+
+def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | None = None,
+         example_inputs: Any = None, **overrides: Any) -> Plan:
+    """Resolve a recipe against ``model`` into concrete sites, without changing anything.
+
+    Args:
+        model: the model.
+        recipe: a :class:`Recipe`; keyword ``overrides`` (same names as ``transform``'s) win.
+        graph: a graph from :func:`regfx.trace` of this model (traced when omitted).
+        example_inputs: passed to :func:`regfx.trace` to observe the model's output layers.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        RegfxError: invalid recipe values, unknown layer words, two norms on one weight, or
+            (``strict``) a layer word matching no layer.
+    """
+    _check_model(model)
+    rec = _merge(recipe, overrides)
+    messages: list[str] = []
+    if rec.dropout is not None:
+        messages += _unmatched(model, rec.dropout_after, "dropout_after")
+    messages += _unmatched(model, rec.spectral, "spectral")
+    messages += _unmatched(model, rec.weight_norm, "weight_norm")
+    if rec.l1 or rec.l2:
+        messages += _unmatched(model, rec.penalty_on, "penalty_on")
+    if messages and rec.strict:
+        raise SelectionError(f"{messages[0]} (strict mode); use a type the model has or drop "
+                             "--strict")
+    result = Plan(recipe=rec, warnings=messages)
+    if rec.dropout is not None and rec.dropout > 0:
+        g = graph if graph is not None else trace(model, example_inputs)
+        sites, skipped = plan_dropout(model, g, rec.dropout, rec.dropout_after,
+                                      rec.dropout_position, rec.dropout_kind, rec.include,
+                                      rec.exclude)
+        result.dropout = sites
+        result.skipped += [(layer, "dropout", why) for layer, why in skipped]
+    norms, skipped_norms = plan_norms(model, rec.spectral, rec.weight_norm,
+                                      rec.n_power_iterations, rec.include, rec.exclude)
+    result.norms = norms
+    result.skipped += [(layer, "norm", why) for layer, why in skipped_norms]
+    result.penalty = plan_penalty(model, rec.l1, rec.l2, rec.penalty_on, rec.include, rec.exclude)
+    return result
+
+
+def transform(
+    model: nn.Module,
+    recipe: Recipe | None = None,
+    *,
+    dropout: float | None = None,
+    dropout_after: str = "linear",
+    spectral: str | None = None,
+    weight_norm: str | None = None,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    penalty_on: str = "linear,conv",
+    include: tuple[str, ...] | list[str] = (),
+    exclude: tuple[str, ...] | list[str] = (),
+    inplace: bool = False,
+    example_inputs: Any = None,
+    **options: Any,
+) -> nn.Module:
+    """Apply regularization to ``model``: dropout, weight/spectral norm, L1/L2 penalties.
+
+    Args:
+        model: any ``nn.Module`` (not a DDP/DataParallel wrapper: transform ``.module``).
+        recipe: a :class:`Recipe`; explicit keywords override its fields.
+        dropout: dropout probability after each ``dropout_after`` layer (None: no dropout).
+        dropout_after: layer types followed by dropout (``"linear"``, ``"conv"``, ...).
+        spectral: layer types to spectrally normalize.
+        weight_norm: layer types to weight-normalize.
+        l1, l2: penalty coefficients (``l1*sum|w| + (l2/2)*sum w^2`` per optimizer step).
+        penalty_on: layer types whose weights are penalized.
+        include, exclude: globs on qualified module names.
+        inplace: edit ``model`` itself instead of a deep copy.
+        example_inputs: optional inputs, run once to find output layers inside opaque modules.
+        **options: other :class:`Recipe` fields (``dropout_position``, ``dropout_kind``,
+            ``n_power_iterations``, ``strict``).
+
+    Returns:
+        The transformed model: same class, same state-dict keys except normalized weights
+        (``<layer>.parametrizations.weight.original*``).
+
+    Raises:
+        RegfxError: invalid arguments (the message names the value and the fix).
+
+    Example:
+        >>> model2 = regfx.transform(model, dropout=0.1, spectral="conv", l2=1e-4)
+    """
+    _check_model(model)
+    overrides = dict(dropout=dropout, dropout_after=dropout_after, spectral=spectral,
+                     weight_norm=weight_norm, l1=l1, l2=l2, penalty_on=penalty_on,
+                     include=include, exclude=exclude, **options)
+    rec = _merge(recipe, overrides)
+    target = model if inplace else copy.deepcopy(model)
+    result = plan(target, rec, example_inputs=example_inputs)
+    for message in result.warnings:
+        warnings.warn(message, RegfxWarning, stacklevel=2)
+    apply_plan(target, result)
+    return target
+
+
+def apply_plan(model: nn.Module, result: Plan) -> None:
+    """Apply a :class:`Plan` made for ``model`` (the only function that mutates)."""
+    apply_norms(model, result.norms)
+    apply_dropout(model, result.dropout)
+    if result.penalty is not None:
+        apply_penalty(model, result.penalty)
+    model.__dict__["_regfx_recipe"] = result.recipe.to_dict()
+
+
+def recipe_of(model: nn.Module) -> Recipe | None:
+    """The recipe ``model`` was transformed with, or None."""
+    data = model.__dict__.get("_regfx_recipe")
+    return Recipe.from_dict(data) if data else None
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """A plain copy of a transformed model: dropout removed, norms folded, hooks gone.
+
+    The copy has exactly the original model's state-dict keys and, in eval mode, the
+    transformed model's outputs. Spectral norm is folded with its current u/v (no iteration).
+    """
+    _check_model(model)
+    out = copy.deepcopy(model)
+    remove_dropout(out)
+    fold_norms(out)
+    remove_penalty(out)
+    out.__dict__.pop("_regfx_recipe", None)
+    return out
+
+
+def _plain_key_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Plain weight key (``fc.weight``) -> module, for weights under a parametrization."""
+    out = {}
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            for tensor_name in mod.parametrizations:  # type: ignore[union-attr]
+                out[f"{name}.{tensor_name}" if name else tensor_name] = mod
+    return out
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
+    """Load a plain (pre-transform) or transformed state dict into a transformed model.
+
+    Plain weights of normalized layers are mapped through the parametrization's
+    ``right_inverse`` (weight norm: ``g = ||w||``, ``v = w``; spectral norm: ``original = w``),
+    so the layer computes the same weight it had before the transform (up to spectral
+    scaling). Spectral norm's ``u``/``v`` vectors may be missing from a plain state dict.
+
+    Raises:
+        CheckpointError: keys that match neither form (listed in the message).
+    """
+    own = model.state_dict()
+    plain_targets = _plain_key_targets(model)
+    direct: dict[str, Any] = {}
+    assign: dict[str, Any] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        if key in own:
+            direct[key] = value
+        elif key in plain_targets:
+            assign[key] = value
+        else:
+            unexpected.append(key)
+    missing = [k for k in own if k not in direct]
+    covered = set()
+    for key in assign:
+        prefix = key.rsplit(".", 1)[0] if "." in key else ""
+        tensor_name = key.rsplit(".", 1)[-1]
+        base = f"{prefix}.parametrizations.{tensor_name}." if prefix else \
+            f"parametrizations.{tensor_name}."
+        covered |= {k for k in missing if k.startswith(base)}
+    missing = [k for k in missing if k not in covered
+               and not (".parametrizations." in f".{k}" and k.rsplit(".", 1)[-1] in ("_u", "_v"))]
+    if strict and (unexpected or missing):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}")
+        raise CheckpointError(
+            f"state dict does not match {type(model).__name__}: {'; '.join(parts)}; "
+            "load it into the model it was saved from (same recipe), or pass strict=False"
+        )
+    model.load_state_dict(direct, strict=False)
+    with torch.no_grad():
+        for key, value in assign.items():
+            mod = plain_targets[key]
+            tensor_name = key.rsplit(".", 1)[-1]
+            setattr(mod, tensor_name, value.to(dtype=getattr(mod, tensor_name).dtype))
+
+
+def save_checkpoint(model: nn.Module, path: str | Path | io.BytesIO | None = None) -> bytes:
+    """Serialize a transformed model's state dict with its recipe (``weights_only``-safe).
+
+    Returns the bytes; writes them to ``path`` when given (not atomically: the CLI does that).
+    """
+    rec = model.__dict__.get("_regfx_recipe")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": type(model).__name__,
+        "recipe": rec,
+        "state_dict": model.state_dict(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    if isinstance(path, (str, Path)):
+        Path(path).write_bytes(data)
+    return data
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a regfx checkpoint with ``weights_only=True``; clear errors for bad files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist; check the path")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files fail in many ways
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"cannot read checkpoint {str(p)!r} ({type(exc).__name__}: {first}); the file is "
+            "truncated or not a torch checkpoint: write it again with regfx apply -o"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(p)!r} is not a regfx checkpoint; write one with "
+                              "`regfx apply MODEL ... -o FILE`")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{str(p)!r} has checkpoint version {payload.get('version')!r}; "
+                              f"this regfx reads version {CHECKPOINT_VERSION}")
+    return payload
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Rebuild a transformed model from the plain ``model`` and a checkpoint of ``regfx apply -o``.
+
+    The recipe stored in the checkpoint is re-applied to a copy of ``model``, then the
+    weights are loaded. When ``model`` is already transformed, its recipe must equal the
+    checkpoint's.
+
+    Raises:
+        CheckpointError: unreadable/truncated file, not a regfx checkpoint, a different recipe,
+            or weights that do not fit.
+    """
+    payload = read_checkpoint(path)
+    stored = Recipe.from_dict(payload["recipe"] or {}, f"recipe in {path}")
+    current = recipe_of(model)
+    if current is not None:
+        if current != stored:
+            raise CheckpointError(
+                f"model was transformed with a different recipe than {path} "
+                f"({'; '.join(current.diff(stored))}); load into the plain model instead"
+            )
+        target = copy.deepcopy(model)
+    else:
+        target = transform(model, stored)
+    load_state_dict(target, payload["state_dict"])
+    return target

@@ -1,0 +1,215 @@
+"""Recipe: what to regularize, as a validated dataclass loadable from TOML or pyproject.toml."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from regfx.errors import RegfxError
+from regfx.select import parse_types
+
+__all__ = ["Recipe", "RecipeError", "find_pyproject"]
+
+
+class RecipeError(RegfxError):
+    """A recipe field has an invalid value, or a recipe file is unreadable or has unknown keys."""
+
+
+POSITIONS = ("block", "output")
+KINDS = ("auto", "element", "channel")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What :func:`regfx.transform` applies. Fields mirror ``transform()``'s keywords.
+
+    Attributes:
+        dropout: dropout probability ``p`` in [0, 1), or None for no dropout.
+        dropout_after: layer types that get dropout after them (``"linear"``).
+        dropout_position: ``"block"`` (after the norm/activation chain that solely consumes the
+            layer's output) or ``"output"`` (directly on the layer's output).
+        dropout_kind: ``"auto"`` (channel dropout after conv, element-wise elsewhere),
+            ``"element"`` or ``"channel"``.
+        spectral: layer types to spectrally normalize, or None.
+        weight_norm: layer types to weight-normalize, or None.
+        n_power_iterations: power iterations per training forward for spectral norm.
+        l1, l2: penalty coefficients: ``l1*sum|w| + (l2/2)*sum w^2`` per optimizer step.
+        penalty_on: layer types whose weights get the penalties.
+        include, exclude: globs on qualified module names limiting every regularizer.
+        strict: a layer-type word that matches no layer is an error instead of a warning.
+
+    Example:
+        >>> Recipe(dropout=0.1, spectral="conv").validate()
+    """
+
+    dropout: float | None = None
+    dropout_after: str = "linear"
+    dropout_position: str = "block"
+    dropout_kind: str = "auto"
+    spectral: str | None = None
+    weight_norm: str | None = None
+    n_power_iterations: int = 1
+    l1: float = 0.0
+    l2: float = 0.0
+    penalty_on: str = "linear,conv"
+    include: tuple[str, ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    strict: bool = False
+
+    def validate(self) -> Recipe:
+        """Check every field; return self. Raises RecipeError naming the field and value."""
+        if self.dropout is not None:
+            p = self.dropout
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) \
+                    or math.isnan(p):
+                raise RecipeError(f"dropout must be a probability in [0, 1), got {p!r}; "
+                                  "use e.g. --dropout 0.1")
+        for name in ("l1", "l2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise RecipeError(f"{name} must be a finite number >= 0, got {v!r}; "
+                                  f"use e.g. {name} = 1e-4")
+        if self.dropout_position not in POSITIONS:
+            raise RecipeError(f"dropout_position must be one of {', '.join(POSITIONS)}, "
+                              f"got {self.dropout_position!r}")
+        if self.dropout_kind not in KINDS:
+            raise RecipeError(f"dropout_kind must be one of {', '.join(KINDS)}, "
+                              f"got {self.dropout_kind!r}")
+        n = self.n_power_iterations
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RecipeError(f"n_power_iterations must be an integer >= 1, got {n!r}")
+        for name in ("dropout_after", "spectral", "weight_norm", "penalty_on"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise RecipeError(f"{name} must be comma-separated layer types, got {value!r}")
+            try:
+                parse_types(value)
+            except RegfxError as exc:
+                raise RecipeError(f"{name}: {exc}") from None
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise RecipeError(f"{name} must be a list of glob strings, got {value!r}")
+        return self
+
+    # -- conversions ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str/float/int/bool/None/list) for TOML, JSON and checkpoints."""
+        out = dataclasses.asdict(self)
+        out["include"] = list(self.include)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
+        """Build and validate a recipe from plain data; keys may use ``-`` or ``_``.
+
+        Raises:
+            RecipeError: for an unknown key (naming the closest valid one) or a bad value.
+        """
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source} must be a table of settings, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in data.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise RecipeError(f"unknown key {raw_key!r} in {source}{hint}; "
+                                  f"valid keys: {', '.join(names)}")
+            if key in ("include", "exclude"):
+                if isinstance(value, str):
+                    value = (value,)
+                elif isinstance(value, list):
+                    value = tuple(value)
+            if key in ("dropout_after", "spectral", "weight_norm", "penalty_on") \
+                    and isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            if key in ("l1", "l2", "dropout") and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            kwargs[key] = value
+        try:
+            recipe = cls(**kwargs)
+        except TypeError as exc:  # pragma: no cover - guarded by the key check above
+            raise RecipeError(f"invalid {source}: {exc}") from None
+        try:
+            return recipe.validate()
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Recipe:
+        """Read a recipe file: its ``[tool.regfx]`` table if it has one, else its top level.
+
+        The ``[tool.regfx.audit]`` sub-table (the audit policy) is not part of the recipe.
+
+        Raises:
+            RecipeError: the file is missing, is not valid TOML, or holds unknown keys or bad
+                values (the message names the file, the key and the closest valid key).
+        """
+        p = Path(path)
+        table = _read_toml(p)
+        tool = table.get("tool", {})
+        if isinstance(tool, dict) and "regfx" in tool:
+            table = tool["regfx"]
+            where = f"[tool.regfx] of {p}"
+        else:
+            where = str(p)
+        if isinstance(table, dict):
+            table = {k: v for k, v in table.items() if k != "audit"}
+        return cls.from_dict(table, where)
+
+    @classmethod
+    def from_pyproject(cls, start: str | Path = ".") -> Recipe | None:
+        """The recipe in ``[tool.regfx]`` of the nearest pyproject.toml above ``start``."""
+        found = find_pyproject(start)
+        if found is None:
+            return None
+        table = _read_toml(found).get("tool", {}).get("regfx")
+        if table is None:
+            return None
+        table = {k: v for k, v in table.items() if k != "audit"}
+        return cls.from_dict(table, f"[tool.regfx] of {found}")
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes).validate()
+
+    def diff(self, other: Recipe) -> list[str]:
+        """``field: mine != theirs`` for every field that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {str(path)!r} does not exist; check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path} is not valid TOML ({exc}); fix the syntax") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+
+def find_pyproject(start: str | Path = ".") -> Path | None:
+    """The nearest ``pyproject.toml`` in ``start`` or a folder above it."""
+    here = Path(start).resolve()
+    if here.is_file():
+        here = here.parent
+    for folder in (here, *here.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None

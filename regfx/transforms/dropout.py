@@ -1,0 +1,276 @@
+"""Dropout insertion: plan sites on the ModelGraph, then edit the forwards that hold them.
+
+Inserted dropout is a real ``nn.Module`` attached to the layer it regularizes, as the child
+``regfx_dropout`` (``regfx_dropout_1``, ... for further call sites). It has no parameters or
+buffers, so it adds no state-dict keys, and it follows ``.train()``/``.eval()``.
+
+In traced regions the forward of the module whose graph holds the site (the *owner*) is
+regenerated from the edited graph and bound by swapping the owner's class for a generated
+subclass (as ``torch.nn.utils.parametrize`` does), so ``isinstance`` and every method and
+attribute of the owner stay. torch.fx specializes ``self.training`` checks at trace time, so
+the owner is traced in both modes; when the code differs, the generated forward dispatches on
+``self.training``. Inside opaque modules, dropout is applied to the layer's output by a forward
+hook that calls the attached module.
+"""
+
+from __future__ import annotations
+
+import linecache
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from regfx.graph import ModelGraph, is_dropout_module
+from regfx.select import is_linear_like, select_layers
+from regfx.trace import trace_module
+
+__all__ = ["DropoutSite", "plan_dropout", "apply_dropout", "make_dropout", "remove_dropout",
+           "dropout_output_hook", "restore_classes"]
+
+HEAD_NAMES = ("lm_head", "classifier", "head", "score", "qa_outputs", "logits", "output_projection")
+
+
+@dataclass(frozen=True)
+class DropoutSite:
+    """One planned dropout: after ``layer``'s call ``call_index``.
+
+    ``mode`` is ``graph`` (edit ``owner``'s forward after fx node ``fx_name``) or ``hook``
+    (forward hook on the layer, used inside opaque modules). ``anchor`` is the graph node whose
+    output is dropped (the layer, or the end of its norm/activation chain).
+    """
+
+    layer: str
+    call_index: int
+    mode: str
+    p: float
+    module_cls: str
+    anchor: str
+    owner: str | None = None
+    fx_name: str | None = None
+
+    @property
+    def attr(self) -> str:
+        return "regfx_dropout" if self.call_index == 0 else f"regfx_dropout_{self.call_index}"
+
+    @property
+    def where(self) -> str:
+        return "output (hook)" if self.mode == "hook" else f"after {self.anchor}"
+
+
+def _dropout_cls(module: nn.Module, kind: str) -> type[nn.Module]:
+    if kind == "element":
+        return nn.Dropout
+    if isinstance(module, nn.modules.conv._ConvNd):
+        dims = len(module.kernel_size)
+        return {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}[dims]
+    return nn.Dropout
+
+
+def make_dropout(cls_name: str, p: float) -> nn.Module:
+    """Instantiate the dropout class called ``cls_name`` (``Dropout``, ``Dropout2d``...)."""
+    return getattr(nn, cls_name)(p=p)
+
+
+def _likely_heads(model: nn.Module, graph: ModelGraph) -> set[str]:
+    """Layers that probably produce the model output when dataflow there is unknown."""
+    if graph.output_layers:
+        return set(graph.output_layers)
+    heads: set[str] = set()
+    embed_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    last = None
+    for name, mod in model.named_modules():
+        if "regfx_" in name or "parametrizations" in name:
+            continue
+        if any(True for _ in mod.parameters(recurse=False)) and not name.endswith("norm"):
+            last = name
+        w = getattr(mod, "weight", None)
+        if is_linear_like(mod) and id(w) in embed_weights:
+            heads.add(name)
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES and is_linear_like(mod):
+            heads.add(name)
+    if last is not None:
+        heads.add(last)
+    return heads
+
+
+def _next_sibling_is_dropout(model: nn.Module, name: str) -> bool:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    names = list(parent._modules)
+    if child not in names:
+        return False
+    i = names.index(child)
+    return i + 1 < len(names) and is_dropout_module(parent._modules[names[i + 1]] or nn.Module())
+
+
+def _is_under(name: str, owner: str) -> bool:
+    return owner == "" or name == owner or name.startswith(owner + ".")
+
+
+def plan_dropout(
+    model: nn.Module, graph: ModelGraph, p: float, after: str, position: str, kind: str,
+    include: tuple[str, ...], exclude: tuple[str, ...],
+) -> tuple[list[DropoutSite], list[tuple[str, str]]]:
+    """Dropout sites for the layers selected by ``after`` and the globs.
+
+    Returns ``(sites, skipped)`` where ``skipped`` holds ``(layer, reason)`` pairs. Pure.
+    """
+    sites: list[DropoutSite] = []
+    skipped: list[tuple[str, str]] = []
+    heads: set[str] | None = None
+    for name, layer in select_layers(model, after, include, exclude):
+        calls = graph.calls(name)
+        cls_name = _dropout_cls(layer, kind).__name__
+        if not calls:
+            skipped.append((name, "not called in the traced graph"))
+            continue
+        first = graph.nx.nodes[calls[0]]
+        if first.get("within_layer") is not None:
+            skipped.append((name, f"inside layer {first['within_layer'] or '(root)'}, not called"
+                                  " on its own"))
+            continue
+        if first.get("opaque"):
+            if heads is None:
+                heads = _likely_heads(model, graph)
+            if hasattr(layer, "regfx_dropout"):
+                skipped.append((name, "dropout already follows"))
+            elif name in heads:
+                skipped.append((name, "output layer"))
+            elif _next_sibling_is_dropout(model, name):
+                skipped.append((name, "dropout already follows"))
+            else:
+                sites.append(DropoutSite(name, 0, "hook", p, cls_name, calls[0]))
+            continue
+        for nid in calls:
+            data = graph.nx.nodes[nid]
+            consumers = graph.consumers(nid)
+            if graph.reaches_output(nid, model) or (not consumers and name in graph.output_layers):
+                skipped.append((f"{name}#{data['call_index']}", "output layer"))
+                continue
+            if graph.dropout_follows(nid, model):
+                skipped.append((f"{name}#{data['call_index']}", "dropout already follows"))
+                continue
+            if any(graph.nx.nodes[c].get("op") == "getitem" for c in consumers):
+                skipped.append((f"{name}#{data['call_index']}", "output is a tuple"))
+                continue
+            anchor = nid
+            if position == "block":
+                for member in graph.solo_chain(nid, model):
+                    owner = graph.nx.nodes[member].get("owner")
+                    if owner is None or not _is_under(name, owner):
+                        break
+                    anchor = member
+            adata = graph.nx.nodes[anchor]
+            sites.append(DropoutSite(name, data["call_index"], "graph", p, cls_name, anchor,
+                                     owner=adata.get("owner"), fx_name=adata.get("fx_name")))
+    return sites, skipped
+
+
+def dropout_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook applying ``module.regfx_dropout`` to the module's (first) output."""
+    drop = module._modules.get("regfx_dropout")
+    if drop is None:
+        return output
+    if isinstance(output, torch.Tensor):
+        return drop(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (drop(output[0]), *output[1:])
+    return output
+
+
+def _compile_forward(src: str, globals_: dict[str, Any], label: str) -> Any:
+    namespace = dict(globals_)
+    filename = f"<regfx-generated {label}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec", dont_inherit=True), namespace)
+    return namespace["forward"]
+
+
+def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str) -> Any:
+    codes: dict[bool, tuple[str, dict[str, Any]]] = {}
+    original = owner.training
+    for mode in (original, not original):
+        owner.training = mode
+        try:
+            graph = trace_module(owner)
+        finally:
+            owner.training = original
+        nodes = {n.name: n for n in graph.nodes}
+        for fx_name, target in edits:
+            node = nodes.get(fx_name)
+            if node is None:
+                raise LookupError(f"node {fx_name} not found when tracing {label} in "
+                                  f"{'train' if mode else 'eval'} mode")
+            with graph.inserting_after(node):
+                new = graph.call_module(target, (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        graph.lint()
+        code = graph.python_code(root_module="self")
+        codes[mode] = (code.src, code.globals)
+    if codes[True][0] == codes[False][0]:
+        return _compile_forward(*codes[True], label)
+    train_fwd = _compile_forward(*codes[True], label + " (train)")
+    eval_fwd = _compile_forward(*codes[False], label + " (eval)")
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return (train_fwd if self.training else eval_fwd)(self, *args, **kwargs)
+
+    return forward
+
+
+def _swap_forward(owner: nn.Module, forward: Any) -> None:
+    current = type(owner)
+    base = current.__dict__.get("_regfx_base", current)
+    cls = type(base.__name__, (base,), {
+        "forward": forward,
+        "_regfx_base": base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    })
+    owner.__class__ = cls
+
+
+def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
+    """Insert the planned dropout into ``model`` (mutates it)."""
+    by_owner: dict[str, list[DropoutSite]] = {}
+    for site in sites:
+        layer = model.get_submodule(site.layer)
+        if site.attr not in layer._modules:
+            layer.add_module(site.attr, make_dropout(site.module_cls, site.p))
+        if site.mode == "hook":
+            layer.register_forward_hook(dropout_output_hook)
+        else:
+            by_owner.setdefault(site.owner or "", []).append(site)
+    for owner_name, owner_sites in by_owner.items():
+        owner = model.get_submodule(owner_name) if owner_name else model
+        edits = []
+        seen = set()
+        for site in owner_sites:
+            rel = site.layer[len(owner_name) + 1:] if owner_name else site.layer
+            key = (site.fx_name, f"{rel}.{site.attr}")
+            if key not in seen:
+                seen.add(key)
+                edits.append(key)
+        label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
+        _swap_forward(owner, _edited_forward(owner, edits, label))  # type: ignore[arg-type]
+
+
+def restore_classes(model: nn.Module) -> None:
+    """Give every module whose forward regfx regenerated its original class back."""
+    for mod in model.modules():
+        base = type(mod).__dict__.get("_regfx_base")
+        if base is not None:
+            mod.__class__ = base
+
+
+def remove_dropout(model: nn.Module) -> None:
+    """Remove every regfx-inserted dropout module and hook (mutates ``model``)."""
+    restore_classes(model)
+    for mod in model.modules():
+        for key in [k for k, h in mod._forward_hooks.items() if h is dropout_output_hook]:
+            del mod._forward_hooks[key]
+        for child in [n for n in mod._modules if n.startswith("regfx_dropout")]:
+            del mod._modules[child]

@@ -1,0 +1,194 @@
+"""L1/L2 penalties applied by an optimizer step pre-hook, so the training loop does not change.
+
+Semantics: the parameter update equals the one obtained by adding
+``l1 * sum|w| + (l2 / 2) * sum w**2`` to the loss once per optimizer step. The penalty gradient
+``l1 * sign(w) + l2 * w`` is added to ``w.grad`` just before ``optimizer.step()`` runs, which makes
+it right under gradient accumulation (added once, not per micro-batch), autocast and GradScaler
+(``scaler.step`` unscales the gradients before the step, and skips the step, hook included, on
+overflow), and DDP (gradients are already all-reduced; the penalty gradient is the same on every
+rank). The gradient is added with foreach ops, one call per coefficient pair, not a Python loop of
+tensor ops per parameter.
+
+Which parameters are penalized is recorded on the model (``model._regfx_penalty``), so a deep copy
+of a transformed model carries its penalties; a process-wide registry (weak references, never
+keeping a model alive) lets the one global optimizer hook find them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from regfx.select import select_layers
+
+__all__ = ["PenaltySpec", "plan_penalty", "apply_penalty", "remove_penalty", "penalty",
+           "penalized_parameters"]
+
+
+@dataclass(frozen=True)
+class PenaltySpec:
+    """``l1``/``l2`` on the parameters named ``params`` (logical names, ``fc.weight``)."""
+
+    params: tuple[str, ...]
+    l1: float
+    l2: float
+
+
+class _Registry:
+    """Parameters with penalties, weakly referenced, and a version bumped on every change."""
+
+    def __init__(self) -> None:
+        self.coeffs: weakref.WeakKeyDictionary[torch.Tensor, tuple[float, float]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.version = itertools.count(1)
+        self.current = 0
+        self.hook: Any = None
+
+    def bump(self) -> None:
+        self.current = next(self.version)
+
+
+_REGISTRY = _Registry()
+
+
+def _tensors_of(module: nn.Module, name: str) -> list[nn.Parameter]:
+    """The leaf parameters behind ``module.<name>``, seeing through parametrizations."""
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]  # type: ignore[index]
+        return [p for p in plist._parameters.values() if isinstance(p, nn.Parameter)]
+    p = module._parameters.get(name)
+    return [p] if isinstance(p, nn.Parameter) else []
+
+
+def plan_penalty(model: nn.Module, l1: float, l2: float, penalty_on: str,
+                 include: tuple[str, ...], exclude: tuple[str, ...]) -> PenaltySpec | None:
+    """The weights of the ``penalty_on`` layers (never biases or norm parameters unless a
+    norm word is in ``penalty_on``). Pure."""
+    if not l1 and not l2:
+        return None
+    names: list[str] = []
+    for layer, mod in select_layers(model, penalty_on, include, exclude):
+        if _tensors_of(mod, "weight"):
+            names.append(f"{layer}.weight" if layer else "weight")
+    return PenaltySpec(tuple(names), float(l1), float(l2))
+
+
+def _resolve(model: nn.Module, spec: PenaltySpec) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for name in spec.params:
+        layer, _, attr = name.rpartition(".")
+        mod = model.get_submodule(layer) if layer else model
+        for p in _tensors_of(mod, attr):
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _ensure_registered(model: nn.Module, *_: Any) -> None:
+    state = model.__dict__.get("_regfx_penalty")
+    if not state or not state["params"]:
+        return
+    if state["params"][0] in _REGISTRY.coeffs:
+        return
+    for p in state["params"]:
+        _REGISTRY.coeffs[p] = (state["l1"], state["l2"])
+    _REGISTRY.bump()
+
+
+def _forward_pre_hook(module: nn.Module, args: Any) -> None:
+    _ensure_registered(module)
+
+
+def apply_penalty(model: nn.Module, spec: PenaltySpec) -> None:
+    """Attach the penalty to ``model`` (mutates it; replaces a previous regfx penalty)."""
+    remove_penalty(model)
+    params = _resolve(model, spec)
+    model.__dict__["_regfx_penalty"] = {"params": params, "l1": spec.l1, "l2": spec.l2,
+                                        "names": list(spec.params)}
+    model.register_forward_pre_hook(_forward_pre_hook)
+    _ensure_registered(model)
+    if _REGISTRY.hook is None:
+        _REGISTRY.hook = torch.optim.optimizer.register_optimizer_step_pre_hook(_step_pre_hook)
+
+
+def remove_penalty(model: nn.Module) -> None:
+    """Detach a regfx penalty from ``model`` (mutates it)."""
+    state = model.__dict__.pop("_regfx_penalty", None)
+    for key in [k for k, h in model._forward_pre_hooks.items() if h is _forward_pre_hook]:
+        del model._forward_pre_hooks[key]
+    if state:
+        for p in state["params"]:
+            _REGISTRY.coeffs.pop(p, None)
+        _REGISTRY.bump()
+
+
+def penalized_parameters(model: nn.Module) -> dict[str, Any]:
+    """``{"params": [...], "names": [...], "l1": x, "l2": y}`` or {} when none is attached."""
+    return dict(model.__dict__.get("_regfx_penalty") or {})
+
+
+def _buckets(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, list[torch.Tensor]]]:
+    signature = (_REGISTRY.current, tuple(len(g["params"]) for g in optimizer.param_groups))
+    cache = optimizer.__dict__.get("_regfx_penalty_cache")
+    if cache is not None and cache[0] == signature:
+        return cache[1]  # type: ignore[no-any-return]
+    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            coeffs = _REGISTRY.coeffs.get(p)
+            if coeffs is not None:
+                groups.setdefault(coeffs, []).append(p)
+    buckets = [(l1, l2, ps) for (l1, l2), ps in groups.items()]
+    optimizer.__dict__["_regfx_penalty_cache"] = (signature, buckets)
+    return buckets
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _REGISTRY.current:
+        return
+    for l1, l2, params in _buckets(optimizer):
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        with torch.no_grad():
+            values = [p.detach() for p in params]
+            if l2:
+                torch._foreach_add_(grads, values, alpha=l2)
+            if l1:
+                torch._foreach_add_(grads, torch._foreach_sign(values), alpha=l1)
+
+
+def penalty(model: nn.Module) -> torch.Tensor:
+    """The current value of the attached L1/L2 penalty, differentiable, for logging.
+
+    ``l1 * sum|w| + (l2 / 2) * sum w**2`` over the penalized parameters; a zero tensor when the
+    model has no regfx penalty. Do not add it to the loss as well: the hook already applies it.
+
+    Example:
+        >>> m = regfx.transform(model, l2=1e-4)
+        >>> float(regfx.penalty(m))
+    """
+    state = model.__dict__.get("_regfx_penalty")
+    if not state or not state["params"]:
+        first = next(iter(model.parameters()), None)
+        return torch.zeros((), device=first.device if first is not None else None)
+    params = state["params"]
+    total = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    if state["l1"]:
+        total = total + state["l1"] * torch.stack(
+            [n.float() for n in torch._foreach_norm(params, 1)]).sum()
+    if state["l2"]:
+        total = total + (state["l2"] / 2) * torch.stack(
+            [n.float() ** 2 for n in torch._foreach_norm(params, 2)]).sum()
+    return total
