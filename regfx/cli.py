@@ -92,6 +92,123 @@ def show(model_spec: str, fmt: str, depth: int | None, output: str | None) -> No
     _emit(text, output)
 
 
+@cli.command()
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--dropout", type=float, default=None, help="Dropout probability p in [0, 1).")
+@click.option("--dropout-after", default=None, metavar="TYPES",
+              help="Layer types followed by dropout (default: linear).")
+@click.option("--dropout-position", type=click.Choice(["block", "output"]), default=None,
+              help="block: after the norm/activation chain (default); output: on the layer output.")
+@click.option("--dropout-kind", type=click.Choice(["auto", "element", "channel"]), default=None,
+              help="auto: channel dropout after conv, element-wise elsewhere (default).")
+@click.option("--spectral", default=None, metavar="TYPES", help="Layer types to spectrally normalize.")
+@click.option("--weight-norm", default=None, metavar="TYPES", help="Layer types to weight-normalize.")
+@click.option("--n-power-iterations", type=int, default=None, help="Spectral norm power iterations.")
+@click.option("--l1", type=float, default=None, help="L1 coefficient: l1*sum|w| per step.")
+@click.option("--l2", type=float, default=None, help="L2 coefficient: (l2/2)*sum w^2 per step.")
+@click.option("--penalty-on", default=None, metavar="TYPES",
+              help="Layer types whose weights are penalized (default: linear,conv).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only modules matching GLOB.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip modules matching GLOB.")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), default=None,
+              help="Recipe TOML file (flags override it).")
+@click.option("--strict", is_flag=True, default=None,
+              help="A layer type matching no layer is an error, not a warning.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write a checkpoint (state dict + recipe), atomically.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.option("--dry-run", is_flag=True, help="Show the plan; change and write nothing.")
+def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str, dry_run: bool,
+          **flags: Any) -> None:
+    """Regularize MODEL and print what was inserted where.
+
+    Configuration comes from [tool.regfx] in the nearest pyproject.toml, then --recipe FILE,
+    then the flags (each overrides the one before).
+    """
+    import json
+    import warnings
+
+    import regfx
+    from regfx.apply import RegfxWarning, save_checkpoint
+    from regfx.load import load_model
+
+    recipe = _config_recipe(model_spec, recipe_file)
+    changes = {k: (tuple(v) if k in ("include", "exclude") else v) for k, v in flags.items()
+               if v is not None and v != ()}
+    try:
+        recipe = recipe.replace(**changes)
+    except TypeError as exc:  # pragma: no cover - click guards the names
+        raise RegfxError(str(exc)) from None
+    if output and not dry_run:
+        _check_writable(output)
+    loaded = load_model(model_spec)
+    the_plan = regfx.plan(loaded.model, recipe, example_inputs=loaded.example_inputs)
+    for message in the_plan.warnings:
+        click.echo(f"regfx: warning: {message}", err=True)
+    if not dry_run:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RegfxWarning)
+            model = regfx.transform(loaded.model, recipe, example_inputs=loaded.example_inputs)
+        if output:
+            write_atomic(output, save_checkpoint(model))
+    if fmt == "json":
+        data = the_plan.to_dict()
+        data["model"] = type(loaded.model).__name__
+        data["dry_run"] = dry_run
+        data["checkpoint"] = None if dry_run else output
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(_plan_table(the_plan, type(loaded.model).__name__, dry_run), nl=False)
+    if output and not dry_run:
+        click.echo(f"checkpoint written to {output}")
+
+
+def _config_recipe(model_spec: str, recipe_file: str | None) -> Any:
+    from regfx.recipe import Recipe
+
+    recipe = None
+    if recipe_file:
+        recipe = Recipe.from_toml(recipe_file)
+    else:
+        source = model_spec.split(":")[0] if model_spec.endswith(".py") or ".py:" in model_spec \
+            else "."
+        start = Path(source).parent if Path(source).suffix == ".py" else Path(".")
+        recipe = Recipe.from_pyproject(start if start.exists() else Path("."))
+    return recipe if recipe is not None else Recipe()
+
+
+def _check_writable(output: str) -> None:
+    target = Path(output)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise RegfxError(f"cannot write {output!r}: folder {str(folder)!r} does not exist; "
+                         "create it or choose another -o path")
+    if target.is_dir():
+        raise RegfxError(f"cannot write {output!r}: it is a directory; give a file path")
+    if not os.access(folder, os.W_OK):
+        raise RegfxError(f"cannot write {output!r}: folder {str(folder)!r} is not writable; "
+                         "choose another -o path")
+
+
+def _plan_table(the_plan: Any, model_name: str, dry_run: bool) -> str:
+    rows = the_plan.rows()
+    head = "Plan for" if dry_run else "Applied to"
+    lines = [f"{head} {model_name}: {len(rows)} site(s)"]
+    if rows:
+        table = [("site", "kind", "parameters")] + [(r["site"], r["kind"], r["parameters"])
+                                                    for r in rows]
+        w0 = max(len(r[0]) for r in table)
+        w1 = max(len(r[1]) for r in table)
+        for r in table:
+            lines.append(f"  {r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}")
+    if the_plan.skipped:
+        lines.append(f"Skipped {len(the_plan.skipped)}:")
+        for site, kind, why in the_plan.skipped:
+            lines.append(f"  {site}  {kind}: {why}")
+    return "\n".join(lines) + "\n"
+
+
 def _emit(text: str, output: str | None) -> None:
     if output:
         write_atomic(output, text)

@@ -139,9 +139,18 @@ class _Builder:
             if self.names[id(mod)] != name or is_leaf_layer(mod) or is_container(mod):
                 continue
             try:
-                self.graphs[name] = trace_module(mod)
+                graph = trace_module(mod)
             except Exception as exc:  # noqa: BLE001 - any failure makes the module opaque
                 self.opaque[name] = _first_line(exc)
+                continue
+            hazard = _specialized_optional(graph)
+            if hazard is not None:
+                self.opaque[name] = (
+                    f"forward specializes on optional argument {hazard!r} (default None): the "
+                    "traced code assumes it is always passed"
+                )
+                continue
+            self.graphs[name] = graph
 
     # -- node creation ----------------------------------------------------------------------
 
@@ -315,6 +324,20 @@ class _Builder:
                 return parent
         root = self.modules[""]
         return "" if name and is_leaf_layer(root) else None
+
+
+def _specialized_optional(graph: fx.Graph) -> str | None:
+    """The first argument defaulting to None whose value the traced code uses, if any.
+
+    torch.fx turns every argument into a proxy, so ``if mask is None:`` takes the "passed" branch
+    at trace time; code regenerated from such a graph breaks when the caller omits the argument.
+    """
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.args and node.args[0] is None and node.users:
+            return str(node.target)
+    return None
 
 
 def is_container(module: nn.Module) -> bool:

@@ -175,8 +175,15 @@ def fold_norms(model: nn.Module) -> None:
                 for m, mode in modes:
                     m.training = mode
             folded[key] = nn.Parameter(value, requires_grad=next(iter(plist.parameters())).requires_grad)
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-        del mod._parameters["weight"]
+        # A deep copy shares its Parametrized* class with the original, and removal deletes the
+        # class property: give this module a class of its own first.
+        cls = type(mod)
+        mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        for m in plist.modules():
+            m.training = False  # folding must not advance spectral norm's u/v
+        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        mod._parameters.pop("weight", None)
+        mod._buffers.pop("weight", None)
         mod._parameters["weight"] = folded[key]
         order = mod.__dict__.pop("_regfx_param_order", None)
         if order:

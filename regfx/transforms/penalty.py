@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from regfx.select import select_layers
 
@@ -44,15 +45,35 @@ class _Registry:
     """Parameters with penalties, weakly referenced, and a version bumped on every change."""
 
     def __init__(self) -> None:
-        self.coeffs: weakref.WeakKeyDictionary[torch.Tensor, tuple[float, float]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # id(param) -> (weak reference, coefficients); tensors compare element-wise, so they
+        # cannot be dictionary keys themselves.
+        self.entries: dict[int, tuple[weakref.ref[torch.Tensor], tuple[float, float]]] = {}
         self.version = itertools.count(1)
         self.current = 0
         self.hook: Any = None
 
     def bump(self) -> None:
         self.current = next(self.version)
+
+    def get(self, p: torch.Tensor) -> tuple[float, float] | None:
+        entry = self.entries.get(id(p))
+        if entry is None or entry[0]() is not p:
+            return None
+        return entry[1]
+
+    def add(self, p: torch.Tensor, coeffs: tuple[float, float]) -> None:
+        key = id(p)
+
+        def forget(_ref: object, key: int = key) -> None:
+            entry = self.entries.get(key)
+            if entry is not None and entry[0] is _ref:
+                del self.entries[key]
+
+        self.entries[key] = (weakref.ref(p, forget), coeffs)
+
+    def discard(self, p: torch.Tensor) -> None:
+        if self.get(p) is not None:
+            del self.entries[id(p)]
 
 
 _REGISTRY = _Registry()
@@ -97,10 +118,10 @@ def _ensure_registered(model: nn.Module, *_: Any) -> None:
     state = model.__dict__.get("_regfx_penalty")
     if not state or not state["params"]:
         return
-    if state["params"][0] in _REGISTRY.coeffs:
+    if _REGISTRY.get(state["params"][0]) is not None:
         return
     for p in state["params"]:
-        _REGISTRY.coeffs[p] = (state["l1"], state["l2"])
+        _REGISTRY.add(p, (state["l1"], state["l2"]))
     _REGISTRY.bump()
 
 
@@ -117,7 +138,7 @@ def apply_penalty(model: nn.Module, spec: PenaltySpec) -> None:
     model.register_forward_pre_hook(_forward_pre_hook)
     _ensure_registered(model)
     if _REGISTRY.hook is None:
-        _REGISTRY.hook = torch.optim.optimizer.register_optimizer_step_pre_hook(_step_pre_hook)
+        _REGISTRY.hook = register_optimizer_step_pre_hook(_step_pre_hook)
 
 
 def remove_penalty(model: nn.Module) -> None:
@@ -127,7 +148,7 @@ def remove_penalty(model: nn.Module) -> None:
         del model._forward_pre_hooks[key]
     if state:
         for p in state["params"]:
-            _REGISTRY.coeffs.pop(p, None)
+            _REGISTRY.discard(p)
         _REGISTRY.bump()
 
 
@@ -144,7 +165,7 @@ def _buckets(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, list[
     groups: dict[tuple[float, float], list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            coeffs = _REGISTRY.coeffs.get(p)
+            coeffs = _REGISTRY.get(p)
             if coeffs is not None:
                 groups.setdefault(coeffs, []).append(p)
     buckets = [(l1, l2, ps) for (l1, l2), ps in groups.items()]
