@@ -123,12 +123,13 @@ def _check_model(model: Any) -> None:
 def _unmatched(model: nn.Module, spec: str | None, field_name: str) -> list[str]:
     if not spec:
         return []
-    out = []
-    for term in parse_types(spec).terms:
-        if not select_layers(model, term):
-            out.append(f"{field_name}: layer type {term!r} matches no layer of "
-                       f"{type(model).__name__}")
-    return out
+    terms = parse_types(spec).terms
+    missing = [t for t in terms if not select_layers(model, t)]
+    # A default such as "linear,conv" only warns when none of its words matches.
+    if spec == _DEFAULTS.get(field_name) and len(missing) < len(terms):
+        return []
+    return [f"{field_name}: layer type {t!r} matches no layer of {type(model).__name__}"
+            for t in missing]
 
 
 def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | None = None,

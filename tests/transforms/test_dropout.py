@@ -1,0 +1,131 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import regfx
+
+from ..conftest import load_fixture
+from ..helpers import eval_out
+
+
+def dropouts(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if "regfx_dropout" in n}
+
+
+def test_conv_bn_relu_gets_channel_dropout_after_relu() -> None:
+    loaded = load_fixture("cnn")
+    out = regfx.transform(loaded.model, dropout=0.25, dropout_after="conv")
+    drops = dropouts(out)
+    assert set(drops) == {"features.0.regfx_dropout", "features.3.regfx_dropout"}
+    assert all(isinstance(d, nn.Dropout2d) and d.p == 0.25 for d in drops.values())
+    # the dropout is applied to the relu output, not between conv and BatchNorm
+    graph = regfx.trace(out)
+    drop_node = graph.calls("features.0.regfx_dropout")[0]
+    assert graph.producers(drop_node) == ["features.2#0"]
+
+
+def test_output_position_and_element_kind() -> None:
+    loaded = load_fixture("cnn")
+    out = regfx.transform(loaded.model, dropout=0.1, dropout_after="conv",
+                          dropout_position="output", dropout_kind="element")
+    graph = regfx.trace(out)
+    node = graph.calls("features.0.regfx_dropout")[0]
+    assert graph.producers(node) == ["features.0#0"]
+    assert type(out.features[0].regfx_dropout) is nn.Dropout
+
+
+def test_never_after_output_layer_and_not_doubled() -> None:
+    loaded = load_fixture("mlp")
+    out = regfx.transform(loaded.model, dropout=0.5)
+    assert set(dropouts(out)) == {"fc1.regfx_dropout", "fc2.regfx_dropout"}
+    loaded = load_fixture("functional")
+    out = regfx.transform(loaded.model, dropout=0.5)
+    assert dropouts(out) == {}  # F.dropout already follows `hidden`
+
+
+def test_per_call_site_for_shared_module() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lin(F.relu(self.lin(x))))
+
+    out = regfx.transform(Shared(), dropout=0.2)
+    assert set(dropouts(out)) == {"lin.regfx_dropout", "lin.regfx_dropout_1"}
+
+
+def test_inverted_dropout_statistics_and_eval_identity() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 512), nn.Identity(), nn.Linear(512, 1))
+    out = regfx.transform(model, dropout=0.4, dropout_position="output")
+    drop = out[0].regfx_dropout
+    x = torch.ones(200, 512)
+    drop.train()
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.6) < 0.01
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.6))
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_train_mode_actually_drops() -> None:
+    loaded = load_fixture("mlp")
+    out = regfx.transform(loaded.model, dropout=0.5)
+    x = loaded.example_inputs[0]
+    out.train()
+    torch.manual_seed(0)
+    a = out(x)
+    assert not torch.allclose(a, eval_out(loaded.model, (x,)))
+
+
+def test_opaque_modules_fall_back_to_output_hook() -> None:
+    loaded = load_fixture("control_flow")
+    out = regfx.transform(loaded.model, dropout=0.3, example_inputs=loaded.example_inputs)
+    proj = out.blocks[0].proj
+    assert isinstance(proj.regfx_dropout, nn.Dropout)
+    assert len(proj._forward_hooks) == 1
+    assert not hasattr(out.out, "regfx_dropout")  # the output layer
+
+
+def test_mode_dependent_forward_keeps_both_modes() -> None:
+    class ModeDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.lin(x))
+            if self.training:
+                h = h * 2
+            return self.head(h)
+
+    model = ModeDependent()
+    out = regfx.transform(model, dropout=0.0001)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(eval_out(out, (x,)), eval_out(model, (x,)))
+    out.train()
+    model.train()
+    out.lin.regfx_dropout.p = 0.0
+    torch.testing.assert_close(out(x), model(x))
+
+
+def test_hf_models_get_exact_sites_where_blocks_trace() -> None:
+    loaded = load_fixture("hf_llama")
+    out = regfx.transform(loaded.model, dropout=0.1, example_inputs=loaded.example_inputs)
+    mlp = out.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj.regfx_dropout, nn.Dropout)
+    assert type(mlp).__name__ == "LlamaMLP" and "_regfx_base" in type(mlp).__dict__
+    assert not hasattr(out.lm_head, "regfx_dropout")
+
+
+def test_p_validation() -> None:
+    import pytest
+
+    for bad in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(regfx.RegfxError, match="dropout must be a probability"):
+            regfx.transform(nn.Linear(1, 1), dropout=bad)

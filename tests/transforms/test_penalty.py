@@ -1,0 +1,132 @@
+"""Penalty semantics: the update equals adding l1*sum|w| + (l2/2)*sum w^2 to the loss once per
+optimizer step, compared with an explicit-loss training loop."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import regfx
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(n)]
+
+
+L1, L2 = 1e-3, 5e-2
+
+
+def explicit_penalty(model: nn.Module) -> torch.Tensor:
+    ws = [model[0].weight, model[3].weight]
+    return L1 * sum(w.abs().sum() for w in ws) + (L2 / 2) * sum((w * w).sum() for w in ws)
+
+
+def train(model: nn.Module, opt_name: str, explicit: bool, accumulate: int = 1,
+          autocast: bool = False, steps: int = 5) -> nn.Module:
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    data = batches(steps * accumulate)
+    for step in range(steps):
+        opt.zero_grad()
+        for micro in range(accumulate):
+            x, y = data[step * accumulate + micro]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = nn.functional.cross_entropy(model(x).float(), y) / accumulate
+            loss.backward()
+        if explicit:  # once per optimizer step, as the contract says
+            explicit_penalty(model).backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+@pytest.mark.parametrize(("accumulate", "autocast"), [(1, False), (4, False), (1, True)])
+def test_update_equals_explicit_loss(opt_name: str, accumulate: int, autocast: bool) -> None:
+    reference = train(make_model(), opt_name, explicit=True, accumulate=accumulate,
+                      autocast=autocast)
+    hooked = regfx.transform(make_model(), l1=L1, l2=L2)
+    train(hooked, opt_name, explicit=False, accumulate=accumulate, autocast=autocast)
+    ref_sd = reference.state_dict()
+    for key, value in hooked.state_dict().items():
+        torch.testing.assert_close(value, ref_sd[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_penalty_changes_training_at_all() -> None:
+    plain = train(make_model(), "sgd", explicit=False)
+    hooked = train(regfx.transform(make_model(), l1=L1, l2=L2), "sgd", explicit=False)
+    assert not torch.allclose(plain[0].weight, hooked[0].weight)
+    # biases and norm parameters are not penalized by default
+    state = hooked.__dict__["_regfx_penalty"]
+    assert state["names"] == ["0.weight", "3.weight"]
+
+
+def test_grad_scaler_skips_on_overflow_and_unscales() -> None:
+    model = regfx.transform(make_model(), l2=L2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ref = make_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    for m, o, explicit in ((model, opt, False), (ref, ref_opt, True)):
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        if explicit:
+            loss = loss + (L2 / 2) * sum((w * w).sum() for w in (m[0].weight, m[3].weight))
+        if m is model:
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+        else:
+            loss.backward()
+            o.step()
+    torch.testing.assert_close(model[0].weight, ref[0].weight, rtol=0, atol=1e-6)
+
+
+def test_penalty_value_matches_formula_and_is_differentiable() -> None:
+    model = regfx.transform(make_model(), l1=L1, l2=L2)
+    value = regfx.penalty(model)
+    torch.testing.assert_close(value, explicit_penalty(model))
+    value.backward()
+    assert model[0].weight.grad is not None
+    assert float(regfx.penalty(make_model())) == 0.0
+
+
+def test_penalty_survives_deepcopy_and_bake_removes_it() -> None:
+    model = regfx.transform(make_model(), l2=L2)
+    clone = copy.deepcopy(model)
+    ref = make_model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ref(x), y)
+        (loss + (L2 / 2) * sum((w * w).sum() for w in (ref[0].weight, ref[3].weight))).backward()
+        opt.step()
+    train(clone, "sgd", explicit=False, steps=3)
+    torch.testing.assert_close(clone[0].weight, ref[0].weight, rtol=0, atol=1e-6)
+    baked = regfx.bake(model)
+    assert float(regfx.penalty(baked)) == 0.0
+
+
+def test_penalty_on_normalized_weight_targets_the_original() -> None:
+    model = regfx.transform(make_model(), spectral="linear", l2=L2)
+    names = model.__dict__["_regfx_penalty"]["names"]
+    assert names == ["0.weight", "3.weight"]
+    params = model.__dict__["_regfx_penalty"]["params"]
+    assert params[0] is model[0].parametrizations.weight.original
+
+
+def test_frozen_parameters_are_not_penalized() -> None:
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    out = regfx.transform(model, l2=L2)
+    assert len(out.__dict__["_regfx_penalty"]["params"]) == 1
