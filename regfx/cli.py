@@ -6,6 +6,7 @@ traceback only with ``--debug``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -45,20 +46,12 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
             fh.write(data)
         os.replace(tmp, target)
     except BaseException as exc:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise RegfxError(f"cannot write {str(target)!r}: {exc.strerror}; choose a writable "
                              "-o path") from None
         raise
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,10 +120,9 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     then the flags (each overrides the one before).
     """
     import json
-    import warnings
 
     import regfx
-    from regfx.apply import RegfxWarning, save_checkpoint
+    from regfx.apply import apply_plan, save_checkpoint
     from regfx.load import load_model
 
     recipe = _config_recipe(model_spec, recipe_file)
@@ -147,11 +139,10 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     for message in the_plan.warnings:
         click.echo(f"regfx: warning: {message}", err=True)
     if not dry_run:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RegfxWarning)
-            model = regfx.transform(loaded.model, recipe, example_inputs=loaded.example_inputs)
+        # The loaded model is ours alone: apply the plan just printed to it, in place.
+        apply_plan(loaded.model, the_plan)
         if output:
-            write_atomic(output, save_checkpoint(model))
+            write_atomic(output, save_checkpoint(loaded.model))
     if fmt == "json":
         data = the_plan.to_dict()
         data["model"] = type(loaded.model).__name__
