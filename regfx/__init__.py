@@ -11,6 +11,7 @@ from regfx.apply import (
     save_checkpoint,
     transform,
 )
+from regfx.audit import AuditReport, Policy, audit
 from regfx.errors import LoadError, RegfxError, SelectionError, TraceError
 from regfx.graph import ModelGraph
 from regfx.recipe import Recipe, RecipeError
@@ -26,10 +27,13 @@ __all__ = [
     "RecipeError",
     "CheckpointError",
     "RegfxWarning",
+    "AuditReport",
     "ModelGraph",
     "Plan",
+    "Policy",
     "Recipe",
     "WORDS",
+    "audit",
     "bake",
     "load_checkpoint",
     "load_state_dict",

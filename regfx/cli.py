@@ -155,6 +155,114 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
         click.echo(f"checkpoint written to {output}")
 
 
+AUDIT_FORMATS = ("text", "json", "markdown", "github", "junit")
+
+
+@cli.command()
+@click.argument("model_specs", nargs=-1, required=True, metavar="MODEL...")
+@click.option("--format", "fmt", type=click.Choice(AUDIT_FORMATS), default="text",
+              show_default=True, help="Report format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the report(s) to FILE (atomically) instead of stdout.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
+              help="Policy TOML (default: [tool.regfx.audit] of the nearest pyproject.toml).")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Previous JSON report: fail when coverage drops or a new finding appears.")
+@click.option("--fail-on", type=click.Choice(["error", "warning"]), default=None,
+              help="Lowest severity that fails the audit (default: the policy's, else error).")
+def audit(model_specs: tuple[str, ...], fmt: str, output: str | None, policy_file: str | None,
+          baseline: str | None, fail_on: str | None) -> None:
+    """Audit which parameters of each MODEL are regularized, and lint the regularization.
+
+    Exit code 0 when every MODEL passes, 1 when one fails the policy, 2 on bad input (the
+    worst wins). The optimizer from the file's build_optimizer(model), if any, is audited too.
+    """
+    import regfx
+    from regfx.audit.policy import Policy
+    from regfx.audit.report import read_baseline
+    from regfx.load import load_model
+
+    policy = Policy.from_toml(policy_file) if policy_file else \
+        Policy.from_pyproject(_spec_folder(model_specs[0]))
+    if policy is None:
+        policy = Policy()
+    if output:
+        _check_writable(output)
+    if baseline:
+        read_baseline(baseline)  # bad baselines are input errors before any model is loaded
+    progress = sys.stderr.isatty() and len(model_specs) > 1
+    reports, gates, worst = [], [], 0
+    for i, spec in enumerate(model_specs, 1):
+        if progress:
+            click.echo(f"[{i}/{len(model_specs)}] auditing {spec} ...", err=True)
+        try:
+            loaded = load_model(spec)
+            optimizer = loaded.build_optimizer()
+            report = regfx.audit(loaded.model, optimizer, policy=policy,
+                                 example_inputs=loaded.example_inputs)
+            report.source = spec
+            base = read_baseline(baseline, report.model, spec) if baseline else None
+        except RegfxError as exc:
+            if len(model_specs) == 1:
+                raise
+            if _State.debug:
+                traceback.print_exc()
+            click.echo(f"regfx: error: {spec}: {exc}", err=True)
+            worst = 2
+            continue
+        gate = report.gate(base, fail_on)
+        worst = max(worst, gate.exit_code)
+        reports.append(report)
+        gates.append(gate)
+    if reports:
+        color = (output is None and fmt == "text" and sys.stdout.isatty()
+                 and not os.environ.get("NO_COLOR"))
+        _emit(_render_reports(reports, gates, fmt, color, fail_on), output)
+    if worst:
+        raise SystemExit(worst)
+
+
+def _render_reports(reports: list[Any], gates: list[Any], fmt: str, color: bool,
+                    fail_on: str | None) -> str:
+    from regfx.render.github import render_github
+    from regfx.render.json import render_json
+    from regfx.render.junit import render_junit
+    from regfx.render.markdown import render_markdown
+    from regfx.render.text import render_text
+
+    if fmt == "json":
+        return render_json(reports, gates)
+    if fmt == "junit":
+        return render_junit(reports, gates, fail_on)
+    parts = []
+    for report, gate in zip(reports, gates, strict=True):
+        if fmt == "markdown":
+            parts.append(render_markdown(report, gate))
+        elif fmt == "github":
+            parts.append(render_github(report, gate))
+        else:
+            parts.append(render_text(report, color=color, gate=gate))
+    return ("\n" if fmt in ("text", "markdown") else "").join(parts)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text",
+              show_default=True, help="Output format (markdown is docs/rules.md).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write to FILE (atomically) instead of stdout.")
+def rules(fmt: str, output: str | None) -> None:
+    """List every audit rule: code, name, severity and what it checks."""
+    from regfx.render.rules import render_rules
+
+    _emit(render_rules(fmt), output)
+
+
+def _spec_folder(model_spec: str) -> Path:
+    source = model_spec.split(":")[0] if model_spec.endswith(".py") or ".py:" in model_spec else "."
+    start = Path(source).parent if Path(source).suffix == ".py" else Path(".")
+    return start if start.exists() else Path(".")
+
+
 def _config_recipe(model_spec: str, recipe_file: str | None) -> Any:
     from regfx.recipe import Recipe
 
@@ -162,10 +270,7 @@ def _config_recipe(model_spec: str, recipe_file: str | None) -> Any:
     if recipe_file:
         recipe = Recipe.from_toml(recipe_file)
     else:
-        source = model_spec.split(":")[0] if model_spec.endswith(".py") or ".py:" in model_spec \
-            else "."
-        start = Path(source).parent if Path(source).suffix == ".py" else Path(".")
-        recipe = Recipe.from_pyproject(start if start.exists() else Path("."))
+        recipe = Recipe.from_pyproject(_spec_folder(model_spec))
     return recipe if recipe is not None else Recipe()
 
 
@@ -221,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
     except RegfxError as exc:
         if debug:
             traceback.print_exc()
