@@ -42,3 +42,31 @@ def load_fixture(name: str):  # type: ignore[no-untyped-def]
 @pytest.fixture(params=sorted(MODEL_FIXTURES))
 def fixture_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--refresh-golden", action="store_true", default=False,
+                     help="Rewrite the golden files under tests/golden/ from the current output.")
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """``golden(name, text)``: compare with tests/golden/<name>, or rewrite it under
+    ``--refresh-golden``. Never rewritten silently."""
+    refresh = bool(request.config.getoption("--refresh-golden"))
+
+    def check(name: str, text: str) -> None:
+        path = GOLDEN / name
+        if refresh:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return
+        assert path.is_file(), f"missing golden file {path}; run pytest --refresh-golden"
+        expected = path.read_text(encoding="utf-8")
+        assert text == expected, f"{name} differs from the golden file; if the change is " \
+                                 "intended, run pytest --refresh-golden and review the diff"
+
+    return check

@@ -134,7 +134,7 @@ class DropoutUse:
     @property
     def label(self) -> str:
         if self.how == "built-in":
-            return f"{self.module}.dropout"
+            return _join(self.module or "", "dropout")
         if self.module is not None:
             return self.module
         return f"{self.owner or '(root)'}:F.{self.variant}"
@@ -557,7 +557,7 @@ def _merge_scoped(rec: ParamRecord, per_name: dict[str, list[dict[str, Any]]]) -
 def definition_site(model: nn.Module, module_name: str) -> tuple[str, int] | None:
     """``(file, line)`` of the statement defining the module ``module_name``, when known.
 
-    This is the ``self.<attr> = ...`` line in the ``__init__`` source of the parent's class; a
+    This is the ``self.<attr> = ...`` line in the methods of the parent's class; a
     child of a ``Sequential`` (or another container) points to where the container is defined.
     """
     name = module_name
@@ -569,29 +569,35 @@ def definition_site(model: nn.Module, module_name: str) -> tuple[str, int] | Non
             return None
         cls = _user_class(parent)
         if not attr.isdigit() and cls.__module__.split(".")[0] != "torch":
-            try:
-                lines, start = _pyinspect.getsourcelines(cls)
-                path = _pyinspect.getsourcefile(cls)
-            except (OSError, TypeError):
-                return None
-            pattern = re.compile(rf"self\.{re.escape(attr)}\s*(:[^=]*)?=(?!=)")
-            for offset, line in enumerate(lines):
-                if pattern.search(line):
-                    return (str(Path(path)) if path else "", start + offset)
-            return None
+            return _assignment_site(cls, attr)
         name = parent_name
     return None
 
 
-def source_of_class(module: nn.Module) -> tuple[str, int] | None:
-    """``(file, line)`` of ``forward`` of ``module``'s user class, when known."""
-    cls = _user_class(module)
-    try:
-        lines, start = _pyinspect.getsourcelines(cls.forward)
-        path = _pyinspect.getsourcefile(cls.forward)
-    except (OSError, TypeError):
-        return None
-    return (str(path), start) if path else None
+def _assignment_site(cls: type, attr: str) -> tuple[str, int] | None:
+    """The first ``self.<attr> = ...`` line in the methods of ``cls`` (``__init__`` first).
+
+    Methods are read through their code objects, so this works for classes from files loaded
+    outside ``sys.modules`` (``regfx audit path/to/model.py``).
+    """
+    pattern = re.compile(rf"self\.{re.escape(attr)}\s*(:[^=]*)?=(?!=)")
+    methods = [v for k, v in vars(cls).items() if callable(v) and hasattr(v, "__code__")]
+    methods.sort(key=lambda f: f.__name__ != "__init__")
+    for fn in methods:
+        try:
+            lines, start = _pyinspect.getsourcelines(fn)
+        except (OSError, TypeError):
+            continue
+        for offset, line in enumerate(lines):
+            if pattern.search(line):
+                return (str(Path(fn.__code__.co_filename)), start + offset)
+    for base in cls.__mro__[1:]:
+        if base.__module__.split(".")[0] in ("torch", "builtins"):
+            break
+        found = _assignment_site(base, attr)
+        if found is not None:
+            return found
+    return None
 
 
 def is_weight_of_layer(rec: ParamRecord, modules: dict[str, nn.Module]) -> bool:

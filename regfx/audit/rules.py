@@ -488,11 +488,11 @@ def active_rules(policy: Policy) -> list[Rule]:
     return out
 
 
-def run_rules(ctx: Inspection, policy: Policy) -> list[Finding]:
+def run_rules(inspection: Inspection, policy: Policy) -> list[Finding]:
     """Every finding of the active rules, minus per-module ignores, in a stable order."""
     found: set[Finding] = set()
     for rule in active_rules(policy):
-        for finding in rule.check(ctx, policy):
+        for finding in rule.check(inspection, policy):
             if not _ignored(finding, policy):
                 found.add(finding)
     return sorted(found, key=Finding.sort_key)
