@@ -32,8 +32,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from regfx.graph import ACTIVATION_OPS, DROPOUT_OPS, NORM_OPS, RESHAPE_OPS, ModelGraph, is_activation_module, \
-    is_dropout_module
+from regfx.graph import (
+    ACTIVATION_OPS,
+    DROPOUT_OPS,
+    NORM_OPS,
+    RESHAPE_OPS,
+    ModelGraph,
+    is_activation_module,
+    is_dropout_module,
+)
 from regfx.select import is_linear_like, is_norm, layer_word
 from regfx.transforms.norms import norm_kind_of
 from regfx.transforms.penalty import penalized_parameters
@@ -224,7 +231,8 @@ def _norm_regularizers(module: nn.Module, attr: str) -> list[dict[str, Any]]:
 
 def _shape_of(tensors: list[torch.Tensor]) -> list[int] | None:
     """The logical shape: that of the largest stored tensor; None for lazy (uninitialized) ones."""
-    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in tensors):
+    lazy = nn.parameter.UninitializedTensorMixin  # type: ignore[attr-defined]
+    if any(isinstance(t, lazy) for t in tensors):
         return None
     biggest = max(tensors, key=lambda t: t.numel())
     return list(biggest.shape)
@@ -497,13 +505,13 @@ def inspect_model(model: nn.Module, graph: ModelGraph,
     state = penalized_parameters(model)
     if state:
         for t in state.get("params", []):
-            rec = by_tensor.get(id(t))
-            if rec is None:
+            penalized = by_tensor.get(id(t))
+            if penalized is None:
                 continue
             for kind in ("l1", "l2"):
                 value = float(state.get(kind) or 0.0)
-                if value and not any(r["kind"] == kind for r in rec.regularizers):
-                    rec.regularizers.append({"kind": kind, "value": value})
+                if value and not any(r["kind"] == kind for r in penalized.regularizers):
+                    penalized.regularizers.append({"kind": kind, "value": value})
 
     info = None
     missing: list[str] = []
@@ -514,11 +522,11 @@ def inspect_model(model: nn.Module, graph: ModelGraph,
             g = info.groups[i]
             for t in group["params"]:
                 in_optimizer.add(id(t))
-                rec = by_tensor.get(id(t))
-                if rec is None or not g["weight_decay"]:
+                decayed = by_tensor.get(id(t))
+                if decayed is None or not g["weight_decay"]:
                     continue
-                if not any(r["kind"] == "weight_decay" for r in rec.regularizers):
-                    rec.regularizers.append({"kind": "weight_decay", "value": g["weight_decay"],
+                if not any(r["kind"] == "weight_decay" for r in decayed.regularizers):
+                    decayed.regularizers.append({"kind": "weight_decay", "value": g["weight_decay"],
                                              "decoupled": g["decoupled"], "optimizer": info.type,
                                              "group": i})
         for rec in records:

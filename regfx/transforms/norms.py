@@ -8,6 +8,7 @@ normalized weight and the parameter stays tied.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -141,13 +142,13 @@ def apply_norms(model: nn.Module, sites: list[NormSite]) -> None:
         else:
             spectral_norm(mod, "weight", n_power_iterations=site.n_power_iterations, dim=site.dim)
         mod.__dict__["_regfx_param_order"] = order
-        shared = mod.parametrizations.weight[0]  # type: ignore[union-attr, index]
+        shared = cast(nn.Module, mod.parametrizations.weight[0])  # type: ignore[union-attr, index]
         for alias in site.aliases:
             other = model.get_submodule(alias)
             other.__dict__["_regfx_param_order"] = list(other._parameters)
             parametrize.register_parametrization(other, "weight", shared, unsafe=True)
             # register_parametrization made a fresh `original`: re-tie it to the first layer's.
-            plist = other.parametrizations.weight  # type: ignore[union-attr]
+            plist = cast(nn.Module, other.parametrizations.weight)  # type: ignore[union-attr]
             for key in list(plist._parameters):
                 plist._parameters[key] = mod.parametrizations.weight._parameters[key]  # type: ignore
 
@@ -162,7 +163,7 @@ def fold_norms(model: nn.Module) -> None:
         kind = norm_kind_of(mod)
         if kind not in ("weight_norm", "spectral_norm"):
             continue
-        plist = mod.parametrizations.weight  # type: ignore[union-attr]
+        plist = cast(nn.Module, mod.parametrizations.weight)  # type: ignore[union-attr]
         key = id(next(iter(plist._parameters.values())))
         if key not in folded:
             modes = [(m, m.training) for m in plist.modules()]
@@ -170,7 +171,7 @@ def fold_norms(model: nn.Module) -> None:
                 m.training = False
             try:
                 with torch.no_grad():
-                    value = mod.weight.detach().clone()
+                    value = cast(torch.Tensor, mod.weight).detach().clone()
             finally:
                 for m, mode in modes:
                     m.training = mode

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ _REGISTRY = _Registry()
 def _tensors_of(module: nn.Module, name: str) -> list[nn.Parameter]:
     """The leaf parameters behind ``module.<name>``, seeing through parametrizations."""
     if parametrize.is_parametrized(module, name):
-        plist = module.parametrizations[name]  # type: ignore[index]
+        plist = cast(nn.Module, module.parametrizations[name])  # type: ignore[index]
         return [p for p in plist._parameters.values() if isinstance(p, nn.Parameter)]
     p = module._parameters.get(name)
     return [p] if isinstance(p, nn.Parameter) else []

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import inspect
 import re
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import torch
 import torch.nn.functional as F
 from torch import nn
