@@ -48,3 +48,30 @@ def test_transform_bake_roundtrip(name: str) -> None:
     baked = regfx.bake(out)
     assert list(baked.state_dict()) == list(model.state_dict())
     torch.testing.assert_close(eval_out(baked, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["t5", "vit", "distilbert", "resnet"])
+def test_audit_untouched_and_transformed(name: str) -> None:
+    build, inputs = _cases()[name]
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), weight_decay=0.01)
+    report = regfx.audit(model, optimizer)
+    names = [n for r in report.params for n in (r.name, *r.aliases)]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters(remove_duplicate=False))
+    # one AdamW group over everything: decay found on every trainable parameter
+    assert all(any(x["kind"] == "weight_decay" and x["decoupled"] for x in r.regularizers)
+               for r in report.params if r.trainable)
+    dropout = [x for r in report.params for x in r.regularizers if x["kind"] == "dropout"]
+    if name in ("distilbert", "t5"):  # their configs default to dropout 0.1
+        assert any(x["p"] == 0.1 for x in dropout)
+    if name == "vit":  # dropout modules with p=0: reported, and not counted as regularization
+        assert not dropout
+        assert any(f.code == "RFX104" for f in report.findings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", regfx.RegfxWarning)
+        out = regfx.transform(model, spectral="linear,conv", l1=1e-6, example_inputs=inputs)
+    after = regfx.audit(out)
+    assert sorted(n for r in after.params for n in (r.name, *r.aliases)) == sorted(names)
+    for rec in after.params:
+        if rec.layer_type in ("linear", "conv") and rec.name.endswith(".weight"):
+            assert {"spectral_norm", "l1"} <= rec.kinds(), rec.name

@@ -491,6 +491,8 @@ def inspect_model(model: nn.Module, graph: ModelGraph,
     dropouts = find_dropout(model, graph)
     drop_per_layer: dict[str, list[dict[str, Any]]] = {}
     for use in dropouts:
+        if use.p == 0.0:
+            continue  # does nothing: not a regularizer (rule RFX104 reports it)
         for layer, _flat in use.layers:
             entry: dict[str, Any] = {"kind": use.kind, "p": use.p, "via": use.label}
             if use.how == "definition order":

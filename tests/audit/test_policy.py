@@ -71,10 +71,11 @@ def test_missing_policy_file(tmp_path: Path) -> None:
 def test_select_ignore_and_per_module_ignores() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.0), nn.Linear(8, 2))
     codes = lambda policy: sorted(f.code for f in regfx.audit(model, policy=policy).findings)  # noqa: E731
-    assert codes(None) == ["RFX104", "RFX401"]
+    # p=0 does nothing, so neither linear weight is regularized
+    assert codes(None) == ["RFX104", "RFX401", "RFX401"]
     assert codes({"select": ["RFX1"]}) == ["RFX104"]
-    assert codes({"ignore": ["RFX104"]}) == ["RFX401"]
-    assert codes({"per-module-ignores": {"3": ["RFX401"]}}) == ["RFX104"]
+    assert codes({"ignore": ["RFX104"]}) == ["RFX401", "RFX401"]
+    assert codes({"per-module-ignores": {"3": ["RFX401"]}}) == ["RFX104", "RFX401"]
     assert regfx.audit(model, policy={"select": ["RFX1"]}).rules == (
         "RFX101", "RFX102", "RFX103", "RFX104", "RFX105")
 
