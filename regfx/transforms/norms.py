@@ -13,10 +13,12 @@ from typing import cast
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+from torch.nn.utils.parametrizations import _SpectralNorm, weight_norm
 
 from regfx.errors import RegfxError
 from regfx.select import is_linear_like, select_layers
+from regfx.transforms import spectral as _spectral
+from regfx.transforms.spectral import spectral_norm
 
 __all__ = ["NormSite", "NormError", "plan_norms", "apply_norms", "fold_norms", "norm_kind_of",
            "output_dim"]
@@ -56,7 +58,7 @@ def norm_kind_of(module: nn.Module, name: str = "weight") -> str | None:
             cls = type(p).__name__
             if cls == "_WeightNorm":
                 kinds.append("weight_norm")
-            elif cls == "_SpectralNorm":
+            elif isinstance(p, _SpectralNorm):
                 kinds.append("spectral_norm")
             elif cls == "_Orthogonal":
                 kinds.append("orthogonal")
@@ -151,11 +153,14 @@ def apply_norms(model: nn.Module, sites: list[NormSite]) -> None:
             plist = cast(nn.Module, other.parametrizations.weight)  # type: ignore[union-attr]
             for key in list(plist._parameters):
                 plist._parameters[key] = mod.parametrizations.weight._parameters[key]  # type: ignore
+    if any(site.kind == "spectral_norm" for site in sites):
+        _spectral.install(model)
 
 
 def fold_norms(model: nn.Module) -> None:
     """Replace every weight/spectral-norm parametrization by the weight it computes (eval mode
     semantics: spectral norm's u/v do not advance). Tied weights stay tied."""
+    _spectral.uninstall(model)
     folded: dict[int, nn.Parameter] = {}
     for mod in list(model.modules()):
         if not parametrize.is_parametrized(mod, "weight"):
