@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +28,27 @@ def torch_spectral(model: nn.Module) -> nn.Module:
     for m in list(model.modules()):
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             parametrizations.spectral_norm(m)
+    return model
+
+
+class Identity(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("s", torch.tensor(0.5))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.s
+
+
+def with_parametrization(model: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    for m in list(model.modules()):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            parametrize.register_parametrization(m, "weight", cls().to(m.weight.device))
     return model
 
 
@@ -63,7 +84,12 @@ def main() -> None:
 
     plain = copy.deepcopy(model)
     theirs = torch_spectral(copy.deepcopy(model))
-    ours = regfx.transform(copy.deepcopy(model), spectral="linear,conv")
+    types = "linear,conv" if any(isinstance(m, nn.Conv2d) for m in model.modules()) else "linear"
+    ours = regfx.transform(copy.deepcopy(model), spectral=types)
+    # the floor: torch's parametrization machinery alone, and a parametrization that only
+    # multiplies by a stored scalar (what a layer's forward costs once sigma is known)
+    identity = with_parametrization(copy.deepcopy(model), Identity)
+    scaled = with_parametrization(copy.deepcopy(model), Scale)
     # same starting point: copy torch's u/v (and weights) into regfx's
     ours.load_state_dict(theirs.state_dict())
 
@@ -75,6 +101,8 @@ def main() -> None:
         "plain step": train_step(plain, sgd(plain), x, y, autocast=autocast),
         "regfx spectral": train_step(ours, sgd(ours), x, y, autocast=autocast),
         "torch spectral_norm": train_step(theirs, sgd(theirs), x, y, autocast=autocast),
+        "floor: identity parametrization": train_step(identity, sgd(identity), x, y, autocast=autocast),
+        "floor: W * scalar parametrization": train_step(scaled, sgd(scaled), x, y, autocast=autocast),
     }
     medians = interleaved(variants, rounds, warmup, device)
     report("Spectral norm on every linear/conv", f"{what}; {describe(device)}", medians,
