@@ -63,6 +63,10 @@ class _DivideBySigma(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, inv_sigma, u_scaled, v = ctx.saved_tensors
         dim = ctx.dim
+        if dim == 0 and grad.ndim == 2 and grad.is_contiguous():  # Linear: no reshapes at all
+            out = grad * inv_sigma
+            return out.addr_(u_scaled * torch.vdot(grad.view(-1), weight.view(-1)), v), \
+                None, None, None, None
         g_mat = _to_matrix(grad, dim)
         w_mat = _to_matrix(weight, dim)
         out = g_mat * inv_sigma  # a fresh tensor in matrix layout
