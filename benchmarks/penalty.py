@@ -19,8 +19,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import regfx  # noqa: E402
 from _harness import ResNet50, deep_mlp, describe, interleaved, parser, report, setup, train_step  # noqa: E402
+
+import regfx  # noqa: E402
 
 L1, L2 = 1e-5, 1e-4
 

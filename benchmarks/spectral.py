@@ -20,8 +20,9 @@ from torch.nn.utils import parametrizations, parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import regfx  # noqa: E402
 from _harness import ResNet50, deep_mlp, describe, interleaved, parser, report, setup, train_step  # noqa: E402
+
+import regfx  # noqa: E402
 
 
 def torch_spectral(model: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ from torch import nn
 from regfx.graph import ModelGraph
 from regfx.select import _is_inserted_path, is_leaf_layer
 
-__all__ = ["trace", "trace_module", "op_name"]
+__all__ = ["trace", "trace_module", "trace_signature", "op_name"]
 
 _Value = Any  # frozenset[str] | tuple[_Value, ...] | dict[str, _Value]
 _EMPTY: frozenset[str] = frozenset()
@@ -82,6 +82,36 @@ def trace_module(module: nn.Module) -> fx.Graph:
     tracer = _OneLevelTracer(module)
     with _quiet():
         return tracer.trace(module)
+
+
+_PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_MODULE_STATE = frozenset(vars(nn.Module()).keys())
+
+
+def trace_signature(module: nn.Module) -> tuple[Any, ...]:
+    """A key under which two modules trace to the same one-level graph.
+
+    The class, the names and classes of the children, which parameters and buffers exist, and
+    every other instance attribute: plain values (ints, strings, flags...) by value, anything
+    else by identity. Two blocks of a 48-layer stack share a key; a block whose flag differs, or
+    which holds a tensor of its own, does not. Used to trace each distinct block once.
+    """
+    attrs: list[tuple[Any, ...]] = []
+    for key, value in module.__dict__.items():
+        if key in _MODULE_STATE:
+            continue
+        if isinstance(value, _PRIMITIVES) or (
+                isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)):
+            attrs.append((key, value))
+        else:
+            attrs.append((key, "id", id(value)))
+    return (
+        type(module), tuple(attrs),
+        tuple((n, type(c)) for n, c in module._modules.items()),
+        tuple((n, p is None) for n, p in module._parameters.items()),
+        tuple((n, b is None) for n, b in module._buffers.items()),
+        module.training,
+    )
 
 
 def op_name(node: fx.Node) -> str:
@@ -135,22 +165,33 @@ class _Builder:
         self._trace_all()
 
     def _trace_all(self) -> None:
+        # Identical blocks (same class, children, flags) trace to the same graph: trace once.
+        # The graphs are only read here, so they can be shared.
+        done: dict[tuple[Any, ...], fx.Graph | str] = {}
         for name, mod in self.modules.items():
             if self.names[id(mod)] != name or is_leaf_layer(mod) or is_container(mod):
                 continue
-            try:
-                graph = trace_module(mod)
-            except Exception as exc:  # noqa: BLE001 - any failure makes the module opaque
-                self.opaque[name] = _first_line(exc)
-                continue
-            hazard = _specialized_optional(graph)
-            if hazard is not None:
-                self.opaque[name] = (
-                    f"forward specializes on optional argument {hazard!r} (default None): the "
-                    "traced code assumes it is always passed"
-                )
-                continue
-            self.graphs[name] = graph
+            key = trace_signature(mod)
+            result = done.get(key)
+            if result is None:
+                result = done[key] = self._trace_one(mod)
+            if isinstance(result, str):
+                self.opaque[name] = result
+            else:
+                self.graphs[name] = result
+
+    @staticmethod
+    def _trace_one(mod: nn.Module) -> fx.Graph | str:
+        """The one-level graph of ``mod``, or the reason it is opaque."""
+        try:
+            graph = trace_module(mod)
+        except Exception as exc:  # noqa: BLE001 - any failure makes the module opaque
+            return _first_line(exc)
+        hazard = _specialized_optional(graph)
+        if hazard is not None:
+            return (f"forward specializes on optional argument {hazard!r} (default None): the "
+                    "traced code assumes it is always passed")
+        return graph
 
     # -- node creation ----------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from regfx.graph import ModelGraph, is_dropout_module
 from regfx.select import is_linear_like, select_layers
-from regfx.trace import trace_module
+from regfx.trace import trace_module, trace_signature
 
 __all__ = ["DropoutSite", "plan_dropout", "apply_dropout", "make_dropout", "remove_dropout",
            "dropout_output_hook", "restore_classes"]
@@ -243,16 +243,21 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str) 
     return forward
 
 
-def _swap_forward(owner: nn.Module, forward: Any) -> None:
+def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | None = None) -> None:
     current = type(owner)
     base = current.__dict__.get("_regfx_base", current)
-    cls = type(base.__name__, (base,), {
-        "forward": forward,
-        "_regfx_base": base,
-        "__module__": base.__module__,
-        "__qualname__": base.__qualname__,
-        "__doc__": base.__doc__,
-    })
+    key = (base, forward)
+    cls = classes.get(key) if classes is not None else None
+    if cls is None:
+        cls = type(base.__name__, (base,), {
+            "forward": forward,
+            "_regfx_base": base,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        })
+        if classes is not None:
+            classes[key] = cls
     owner.__class__ = cls
 
 
@@ -267,6 +272,8 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
             layer.register_forward_hook(dropout_output_hook)
         else:
             by_owner.setdefault(site.owner or "", []).append(site)
+    forwards: dict[Any, Any] = {}
+    classes: dict[Any, type] = {}
     for owner_name, owner_sites in by_owner.items():
         owner = model.get_submodule(owner_name) if owner_name else model
         edits = []
@@ -277,8 +284,14 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
             if key not in seen:
                 seen.add(key)
                 edits.append(key)
-        label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
-        _swap_forward(owner, _edited_forward(owner, edits, label))  # type: ignore[arg-type]
+        # Identical owners with identical edits (the blocks of a deep stack) share one
+        # regenerated forward and one generated class.
+        key = (trace_signature(owner), tuple(edits))
+        forward = forwards.get(key)
+        if forward is None:
+            label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
+            forward = forwards[key] = _edited_forward(owner, edits, label)
+        _swap_forward(owner, forward, classes)
 
 
 def restore_classes(model: nn.Module) -> None:

@@ -1,0 +1,88 @@
+"""regfx.transform + regfx.audit vs copy.deepcopy + torch.fx.symbolic_trace, by model depth.
+
+    python benchmarks/transform.py            # 1k, 2k, 5k, 10k layers
+    python benchmarks/transform.py --quick    # 200, 400, 1000 layers
+
+The model is a residual MLP: ``depth`` blocks of Linear -> LayerNorm -> ReLU with a skip
+connection, so tracing, placement (dropout after each linear, after its norm/activation chain)
+and the audit all see real structure. Ratios are against deepcopy + symbolic_trace of the same
+model; growth is each depth's regfx time against the smallest depth's.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import describe, setup  # noqa: E402
+from _harness import parser as make_parser  # noqa: E402
+
+import regfx  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.norm(self.fc(x)))
+
+
+class Deep(nn.Module):
+    def __init__(self, depth: int, width: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(depth)])
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = make_parser(__doc__.splitlines()[0])
+    args = p.parse_args()
+    device = setup(args)
+    depths = (200, 400, 1000) if args.quick else (1000, 2000, 5000, 10000)
+    repeats = args.rounds or (2 if args.quick else 3)
+    print("== regfx.transform + regfx.audit vs deepcopy + symbolic_trace")
+    print(f"   residual MLP blocks (Linear, LayerNorm, ReLU, add); best of {repeats}; {describe(device)}")
+    print(f"   {'layers':>7}  {'regfx':>9}  {'baseline':>9}  {'ratio':>6}  {'growth':>7}  "
+          f"(transform / audit)")
+    first = None
+    for depth in depths:
+        model = Deep(depth)
+        t_transform = timed(lambda: regfx.transform(model, dropout=0.1, dropout_after="linear"), repeats)
+        transformed = regfx.transform(model, dropout=0.1, dropout_after="linear")
+        t_audit = timed(lambda: regfx.audit(transformed), repeats)
+        ours = t_transform + t_audit
+        base = timed(lambda: fx.symbolic_trace(copy.deepcopy(model)), repeats)
+        first = first or (depth, ours)
+        growth = ours / first[1]
+        print(f"   {depth:>7}  {ours:8.2f}s  {base:8.2f}s  {ours / base:5.2f}x  {growth:6.2f}x  "
+              f"({t_transform:.2f}s / {t_audit:.2f}s)")
+    print(f"   targets: ratio <= 2.00x; growth from {first[0]} to {depths[-1]} layers "
+          f"<= {1.2 * depths[-1] / first[0]:.0f}x (linear)")
+
+
+if __name__ == "__main__":
+    main()
