@@ -55,7 +55,8 @@ def main() -> None:
     n = report.summary["numel"]
     print("== regfx.audit on the meta device")
     print(f"   LlamaForCausalLM {n / 1e9:.2f}B parameters ({report.summary['parameters']} tensors, "
-          f"{len(report.findings)} findings, {len(text) // 1024} KiB of JSON); {describe(torch.device('cpu'))}")
+          f"{len(report.findings)} findings, {len(text) // 1024} KiB of JSON); "
+          f"{describe(torch.device('cpu'))}")
     print(f"   build on meta  {t_build:7.2f} s")
     print(f"   audit          {t_audit:7.2f} s   target < 15 s: {'met' if t_audit < 15 else 'MISSED'}")
     print(f"   render JSON    {t_render:7.2f} s")

@@ -71,11 +71,12 @@ def main() -> None:
     first = None
     for depth in depths:
         model = Deep(depth)
-        t_transform = timed(lambda: regfx.transform(model, dropout=0.1, dropout_after="linear"), repeats)
+        t_transform = timed(lambda m=model: regfx.transform(m, dropout=0.1, dropout_after="linear"),
+                            repeats)
         transformed = regfx.transform(model, dropout=0.1, dropout_after="linear")
-        t_audit = timed(lambda: regfx.audit(transformed), repeats)
+        t_audit = timed(lambda m=transformed: regfx.audit(m), repeats)
         ours = t_transform + t_audit
-        base = timed(lambda: fx.symbolic_trace(copy.deepcopy(model)), repeats)
+        base = timed(lambda m=model: fx.symbolic_trace(copy.deepcopy(m)), repeats)
         first = first or (depth, ours)
         growth = ours / first[1]
         print(f"   {depth:>7}  {ours:8.2f}s  {base:8.2f}s  {ours / base:5.2f}x  {growth:6.2f}x  "

@@ -135,6 +135,7 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     if output and not dry_run:
         _check_writable(output)
     loaded = load_model(model_spec)
+    _require_parameters(loaded.model, model_spec, "regularize")
     the_plan = regfx.plan(loaded.model, recipe, example_inputs=loaded.example_inputs)
     for message in the_plan.warnings:
         click.echo(f"regfx: warning: {message}", err=True)
@@ -197,6 +198,7 @@ def audit(model_specs: tuple[str, ...], fmt: str, output: str | None, policy_fil
             click.echo(f"[{i}/{len(model_specs)}] auditing {spec} ...", err=True)
         try:
             loaded = load_model(spec)
+            _require_parameters(loaded.model, spec, "audit")
             optimizer = loaded.build_optimizer()
             report = regfx.audit(loaded.model, optimizer, policy=policy,
                                  example_inputs=loaded.example_inputs)
@@ -255,6 +257,13 @@ def rules(fmt: str, output: str | None) -> None:
     from regfx.render.rules import render_rules
 
     _emit(render_rules(fmt), output)
+
+
+def _require_parameters(model: Any, spec: str, what: str) -> None:
+    """A model without parameters is almost always a factory building the wrong thing."""
+    if next(iter(model.parameters()), None) is None:
+        raise RegfxError(f"the model from {spec!r} ({type(model).__name__}) has no parameters, so "
+                         f"there is nothing to {what}; check that the factory builds the full model")
 
 
 def _spec_folder(model_spec: str) -> Path:
@@ -321,6 +330,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("regfx: aborted", err=True)
         sys.exit(130)
+    except click.exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "regfx"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        click.echo(f"regfx: error: {message}; see '{command} --help'", err=True)
+        sys.exit(2)
     except click.exceptions.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

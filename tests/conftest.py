@@ -50,6 +50,8 @@ GOLDEN = ROOT / "tests" / "golden"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--refresh-golden", action="store_true", default=False,
                      help="Rewrite the golden files under tests/golden/ from the current output.")
+    parser.addoption("--soak-steps", type=int, default=150,
+                     help="Training steps of the soak test (1000 for the full soak).")
 
 
 @pytest.fixture

@@ -276,14 +276,12 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
     classes: dict[Any, type] = {}
     for owner_name, owner_sites in by_owner.items():
         owner = model.get_submodule(owner_name) if owner_name else model
-        edits = []
-        seen = set()
+        edits: list[tuple[str, str]] = []
         for site in owner_sites:
             rel = site.layer[len(owner_name) + 1:] if owner_name else site.layer
-            key = (site.fx_name, f"{rel}.{site.attr}")
-            if key not in seen:
-                seen.add(key)
-                edits.append(key)
+            edit = (str(site.fx_name), f"{rel}.{site.attr}")
+            if edit not in edits:
+                edits.append(edit)
         # Identical owners with identical edits (the blocks of a deep stack) share one
         # regenerated forward and one generated class.
         key = (trace_signature(owner), tuple(edits))

@@ -209,12 +209,11 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
     if not _REGISTRY.current:
         return
     for l1, l2, params, bounds in _buckets(optimizer):
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
+        if any(p.grad is None for p in params):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params]
+        grads = cast(list[torch.Tensor], [p.grad for p in params])
         values = [p.detach() for p in params]
         with torch.no_grad():
             for start, stop in bounds:
