@@ -84,8 +84,8 @@ def test_soak(request) -> None:  # type: ignore[no-untyped-def]
     assert last["findings"] == first["findings"]
     assert last["summary"] == first["summary"]
     assert hook_count(model) == hooks
-    assert len(optim_module._global_optimizer_pre_hooks) == optimizer_hooks
-    assert len(penalty_module._REGISTRY.entries) == registry
+    assert len(optim_module._global_optimizer_pre_hooks) <= optimizer_hooks
+    assert len(penalty_module._REGISTRY.entries) <= registry  # other tests' models may be freed
     assert sorted(model.__dict__) == dict_keys
     assert tensor_count() <= tensors + 5
     assert rss_mib() - rss < 64, "memory grew during the soak"
