@@ -13,11 +13,15 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
 - The backward is one fused function instead of autograd through ``mv``, ``vdot`` and ``div``:
   ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T`` as one scaling, one dot product and one
   in-place rank-1 update (``addr_``): three passes over the weight instead of about five.
-- On GPUs, the power iterations of all same-shaped weights of a model run together before each
-  training forward (:func:`batched_step`, installed by :func:`install` as a forward pre-hook of
-  the transformed model): one stacked copy of the weights and one batched product per
-  half-step, instead of a handful of small kernels per layer. Each layer's forward is then one
-  multiplication by ``1/sigma``, and autograd differentiates the batched ``sigma = u^T W v``.
+- Before each training forward of the transformed model (a forward pre-hook installed by
+  :func:`install`), the power iterations of all its spectral norms advance together. On CPUs
+  (:func:`foreach_step`): one matrix-vector product per layer and per half-step, and every
+  vector operation (norms, divisions, the scalars for the backward) as one foreach op over all
+  layers, so a layer's own forward is one multiplication. On GPUs (:func:`batched_step`):
+  same-shaped weights are stacked once and each half-step is one batched product instead of a
+  handful of small kernels per layer; each layer's forward is one multiplication by
+  ``1/sigma``, and autograd differentiates the batched ``sigma = u^T W v``. On a CPU a batched
+  matrix-vector product is slower than one per layer (measured), hence the two paths.
   A layer called outside that forward, or a second time in it, iterates on its own, as torch's
   does.
 
@@ -102,8 +106,10 @@ class SpectralNorm(_SpectralNorm):
             return super().forward(weight)
         pending = self.__dict__.pop("_regfx_pending", None)
         if pending is not None and pending[0] == weight._version:
-            # u/v already advanced and 1/sigma computed by this forward's batched_step
-            return weight * pending[1]
+            # u/v already advanced by this forward's batched_step (GPU) or foreach_step (CPU)
+            if len(pending) == 2:
+                return weight * pending[1]
+            return _DivideBySigma.apply(weight, pending[1], pending[2], pending[3], self.dim)  # type: ignore[no-any-return]
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
         with torch.no_grad():
@@ -170,6 +176,39 @@ def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
             sn.__dict__["_regfx_pending"] = (weight._version, inv_i)
 
 
+def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
+    """Advance the power iteration of many spectral norms with one matrix-vector product per
+    layer and everything else as a handful of foreach ops over all layers, then leave each its
+    ``1/sigma``, ``-u/sigma^2`` and ``v`` for its next forward (the CPU counterpart of
+    :func:`batched_step`, for which stacking costs more than it saves)."""
+    members = [(sn, w) for sn, w in norms if w.ndim >= 2 and sn.training]
+    if len(members) < 2:
+        return
+    eps = members[0][0].eps
+    if any(sn.eps != eps or sn.n_power_iterations != members[0][0].n_power_iterations
+           for sn, _ in members):
+        return  # mixed settings: each layer iterates on its own
+    mats = [sn._reshape_weight_to_matrix(w) for sn, w in members]
+    us = [sn._u for sn, _ in members]
+    vs = [sn._v for sn, _ in members]
+    with torch.no_grad():
+        for _ in range(members[0][0].n_power_iterations):
+            w_v = [torch.mv(m, v) for m, v in zip(mats, vs, strict=True)]
+            new_u = torch._foreach_div(w_v, torch._foreach_clamp_min(torch._foreach_norm(w_v), eps))
+            torch._foreach_copy_(us, new_u)
+            w_t_u = [torch.mv(m.t(), u) for m, u in zip(mats, us, strict=True)]
+            norms_v = torch._foreach_norm(w_t_u)
+            clamped = torch._foreach_clamp_min(norms_v, eps)
+            new_v = torch._foreach_div(w_t_u, clamped)
+            torch._foreach_copy_(vs, new_v)
+        # sigma = |W^T u|^2 / max(|W^T u|, eps); keep 1/sigma and -u/sigma^2
+        inv = torch._foreach_div(clamped, torch._foreach_mul(norms_v, norms_v))
+        neg_inv2 = torch._foreach_neg(torch._foreach_mul(inv, inv))
+        u_scaled = torch._foreach_mul(new_u, neg_inv2)
+    for (sn, weight), inv_i, u_i, v_i in zip(members, inv, u_scaled, new_v, strict=True):
+        sn.__dict__["_regfx_pending"] = (weight._version, inv_i, u_i, v_i)
+
+
 def collect(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
     """Every regfx :class:`SpectralNorm` of ``model`` with its stored weight, tied ones once."""
     out: list[tuple[SpectralNorm, torch.Tensor]] = []
@@ -194,8 +233,12 @@ def _pre_hook(model: nn.Module, args: Any) -> None:
         norms = model.__dict__["_regfx_spectral"] = collect(model)
     # Batching pays where kernel launches dominate (GPUs). On CPUs a batched matrix-vector
     # product is slower than one mv per layer (measured), so each layer iterates on its own.
-    if len(norms) > 1 and (norms[0][1].device.type != "cpu" or model.__dict__.get("_regfx_batch_cpu")):
+    if len(norms) < 2:
+        return
+    if norms[0][1].device.type != "cpu" or model.__dict__.get("_regfx_batch_cpu"):
         batched_step(norms)
+    else:
+        foreach_step(norms)
 
 
 def _post_hook(model: nn.Module, args: Any, output: Any) -> None:

@@ -180,3 +180,37 @@ def test_install_only_with_several_norms_and_uninstall() -> None:
     single, _ = pair("linear")
     spectral.install(single)
     assert spectral._pre_hook not in single._forward_pre_hooks.values()
+
+
+def test_foreach_step_matches_per_layer_torch() -> None:
+    """The CPU path: one mv per layer, the rest as foreach ops over all layers."""
+    ours, theirs = stacked("linear", 4)
+    norms = collect(ours)
+    x = torch.randn(4, 12)
+    for _ in range(3):
+        spectral.foreach_step(norms)
+        assert all(len(sn.__dict__["_regfx_pending"]) == 4 for sn, _ in norms)
+        (ours(x) ** 2).sum().backward()
+        (theirs(x) ** 2).sum().backward()
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a.parametrizations.weight.original.grad,
+                                       b.parametrizations.weight.original.grad,
+                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.parametrizations.weight[0]._v,
+                                       b.parametrizations.weight[0]._v, rtol=1e-5, atol=1e-6)
+
+
+def test_transformed_model_uses_the_cpu_path_by_default() -> None:
+    import regfx
+
+    model = regfx.transform(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                                          nn.Linear(6, 2)), spectral="linear")
+    assert spectral._pre_hook in model._forward_pre_hooks.values()
+    seen = []
+    original = spectral.foreach_step
+    spectral.foreach_step = lambda norms: (seen.append(len(norms)), original(norms))  # type: ignore[assignment]
+    try:
+        model(torch.randn(2, 6)).sum().backward()
+    finally:
+        spectral.foreach_step = original
+    assert seen == [3]
