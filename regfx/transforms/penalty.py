@@ -242,7 +242,7 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
                     torch._foreach_add_(g, v, alpha=l2)
                 if l1:
                     if scratch is None:
-                        signs = torch._foreach_sign(v)
+                        signs = list(torch._foreach_sign(v))
                     else:
                         signs = scratch[i]
                         torch._foreach_copy_(signs, v)
