@@ -142,6 +142,26 @@ class ResNet50(nn.Module):
         return self.fc(self.pool(self.layers(x)).flatten(1))
 
 
+def step_workload(args: argparse.Namespace, device: torch.device
+                  ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.dtype | None, str, int, int]:
+    """The model where step overhead matters most on ``device``: ResNet-50 at batch 64 under
+    bf16 autocast on a GPU, the 48-layer MLP on a CPU (small ones with ``--quick``).
+
+    Returns ``(model, x, y, autocast dtype, description, rounds, warmup)``.
+    """
+    if device.type == "cuda" and not args.quick:
+        model = ResNet50().to(device).to(memory_format=torch.channels_last)
+        x = torch.randn(64, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (64,), device=device)
+        return model, x, y, torch.bfloat16, "ResNet-50, batch 64, bf16 autocast", args.rounds or 30, 5
+    depth, width, batch = (8, 64, 32) if args.quick else (48, 256, 64)
+    model = deep_mlp(depth, width).to(device)
+    x = torch.randn(batch, width, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    rounds = args.rounds or (5 if args.quick else 40)
+    return model, x, y, None, f"MLP {depth}x{width}, batch {batch}, fp32", rounds, 2 if args.quick else 5
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, extra_loss: Callable[[], torch.Tensor] | None = None,
                autocast: torch.dtype | None = None) -> Callable[[], None]:

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrizations, parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ResNet50, deep_mlp, describe, interleaved, parser, report, setup, train_step  # noqa: E402
+from _harness import describe, interleaved, parser, report, setup, step_workload, train_step  # noqa: E402
 
 import regfx  # noqa: E402
 
@@ -67,21 +67,8 @@ def sigmas(model: nn.Module) -> list[torch.Tensor]:
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = setup(args)
-    if device.type == "cuda" and not args.quick:
-        model = ResNet50().to(device).to(memory_format=torch.channels_last)
-        x = torch.randn(64, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (64,), device=device)
-        autocast, what = torch.bfloat16, "ResNet-50, batch 64, bf16 autocast"
-        rounds, warmup = args.rounds or 30, 5
-        target = 1.15
-    else:
-        depth, width, batch = (8, 64, 32) if args.quick else (48, 256, 64)
-        model = deep_mlp(depth, width).to(device)
-        x = torch.randn(batch, width, device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
-        autocast, what = None, f"MLP {depth}x{width}, batch {batch}, fp32"
-        rounds, warmup = args.rounds or (5 if args.quick else 30), 2 if args.quick else 5
-        target = 1.3
+    model, x, y, autocast, what, rounds, warmup = step_workload(args, device)
+    target = 1.15 if device.type == "cuda" else 1.3
 
     plain = copy.deepcopy(model)
     theirs = torch_spectral(copy.deepcopy(model))

@@ -14,7 +14,7 @@ import tomllib
 from regfx.errors import RegfxError
 from regfx.select import parse_types
 
-__all__ = ["Recipe", "RecipeError", "find_pyproject"]
+__all__ = ["Recipe", "RecipeError", "find_pyproject", "read_toml"]
 
 
 class RecipeError(RegfxError):
@@ -158,7 +158,7 @@ class Recipe:
                 values (the message names the file, the key and the closest valid key).
         """
         p = Path(path)
-        table = _read_toml(p)
+        table = read_toml(p)
         tool = table.get("tool", {})
         if isinstance(tool, dict) and "regfx" in tool:
             table = tool["regfx"]
@@ -175,7 +175,7 @@ class Recipe:
         found = find_pyproject(start)
         if found is None:
             return None
-        table = _read_toml(found).get("tool", {}).get("regfx")
+        table = read_toml(found).get("tool", {}).get("regfx")
         if table is None:
             return None
         table = {k: v for k, v in table.items() if k != "audit"}
@@ -191,16 +191,19 @@ class Recipe:
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, error: type[RegfxError] = RecipeError, what: str = "recipe") -> dict[str, Any]:
+    """Parse a TOML file; every failure is one ``error`` naming the file and the fix."""
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise RecipeError(f"recipe file {str(path)!r} does not exist; check the path") from None
+        raise error(f"{what} file {str(path)!r} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{what} path {str(path)!r} is a directory; give a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path} is not valid TOML ({exc}); fix the syntax") from None
+        raise error(f"{path} is not valid TOML ({exc}); fix the syntax") from None
     except OSError as exc:
-        raise RecipeError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+        raise error(f"cannot read {str(path)!r}: {exc.strerror}") from None
 
 
 def find_pyproject(start: str | Path = ".") -> Path | None:

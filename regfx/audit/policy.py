@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from regfx.errors import RegfxError
-from regfx.recipe import find_pyproject
+from regfx.recipe import find_pyproject, read_toml
 from regfx.select import parse_types
 
 __all__ = ["Policy", "PolicyError", "FAIL_ON"]
@@ -192,14 +190,4 @@ def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise PolicyError(f"policy file {str(path)!r} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise PolicyError(f"policy path {str(path)!r} is a directory; give a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path} is not valid TOML ({exc}); fix the syntax") from None
-    except OSError as exc:
-        raise PolicyError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    return read_toml(path, PolicyError, "policy")

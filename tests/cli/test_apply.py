@@ -6,19 +6,13 @@ import torch
 from click.testing import CliRunner
 
 import regfx
-from regfx.cli import cli, main
+from regfx.cli import cli
 
 from ..conftest import fixture_path, load_fixture
 from ..helpers import eval_out
+from .runner import run_main
 
 CNN = str(fixture_path("cnn"))
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    out = capsys.readouterr()
-    return int(info.value.code or 0), out.out, out.err
 
 
 def test_apply_prints_sites_and_checkpoint_round_trips(tmp_path: Path) -> None:

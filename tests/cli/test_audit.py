@@ -7,25 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from regfx.cli import cli, main
 from regfx.render.rules import render_rules
 
 from ..conftest import ROOT, fixture_path
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args), env=env)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    out = capsys.readouterr()
-    return int(info.value.code or 0), out.out, out.err
-
+from .runner import run, run_main
 
 MLP = str(fixture_path("mlp"))
 GOOD = str(fixture_path("regularized_mlp"))

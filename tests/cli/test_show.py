@@ -2,23 +2,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from regfx.cli import cli, main
 
 from ..conftest import MODEL_FIXTURES, fixture_path
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    out = capsys.readouterr()
-    return int(info.value.code or 0), out.out, out.err
+from .runner import run, run_main
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_FIXTURES))
