@@ -22,6 +22,7 @@ Regularizers found, by kind:
 
 from __future__ import annotations
 
+import functools
 import inspect as _pyinspect
 import re
 from dataclasses import dataclass, field
@@ -431,12 +432,14 @@ class Inspection:
     modules: dict[str, nn.Module]
     by_tensor: dict[int, ParamRecord]
     penalty: dict[str, Any]
+    by_name: dict[str, ParamRecord] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_name = {n: r for r in self.records for n in (r.name, *r.aliases)}
 
     def record(self, name: str) -> ParamRecord | None:
-        for r in self.records:
-            if r.name == name or name in r.aliases:
-                return r
-        return None
+        """The record listing ``name`` (a logical name or an alias), or None."""
+        return self.by_name.get(name)
 
 
 def inspect_model(model: nn.Module, graph: ModelGraph,
@@ -584,6 +587,7 @@ def definition_site(model: nn.Module, module_name: str) -> tuple[str, int] | Non
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _assignment_site(cls: type, attr: str) -> tuple[str, int] | None:
     """The first ``self.<attr> = ...`` line in the methods of ``cls`` (``__init__`` first).
 

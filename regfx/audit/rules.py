@@ -408,7 +408,6 @@ def required_regularizer(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
     needs ``weight_decay`` and one does not have it. Fix: add the regularizer (``regfx apply``,
     or the optimizer group), or narrow the policy with ``per-module-ignores``.
     """
-    model = _root(ctx)
     for word, needs in policy.require.items():
         selector = parse_types(word)
         for rec in ctx.records:
@@ -425,7 +424,6 @@ def required_regularizer(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                     yield _finding("RFX501", rec.name,
                                    f"{word} weight {rec.name} lacks required {need}; add it or "
                                    "narrow the policy", ctx, rec.module)
-    del model
 
 
 def coverage_below_minimum(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
