@@ -232,6 +232,10 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str) 
         graph.lint()
         code = graph.python_code(root_module="self")
         codes[mode] = (_fast_module_lookups(code.src, graph), code.globals)
+        if any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant")
+               for n in graph.nodes):
+            # torch.fx stored a tensor constant on this owner: the code is its own
+            owner.__dict__["_regfx_own_forward"] = True
     if codes[True][0] == codes[False][0]:
         return _compile_forward(*codes[True], label)
     train_fwd = _compile_forward(*codes[True], label + " (train)")
@@ -288,7 +292,9 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
         forward = forwards.get(key)
         if forward is None:
             label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
-            forward = forwards[key] = _edited_forward(owner, edits, label)
+            forward = _edited_forward(owner, edits, label)
+            if not owner.__dict__.pop("_regfx_own_forward", False):
+                forwards[key] = forward
         _swap_forward(owner, forward, classes)
 
 

@@ -129,3 +129,31 @@ def test_p_validation() -> None:
     for bad in (-0.1, 1.0, 1.5, float("nan")):
         with pytest.raises(regfx.RegfxError, match="dropout must be a probability"):
             regfx.transform(nn.Linear(1, 1), dropout=bad)
+
+
+def test_identical_blocks_share_code_but_tensor_constants_stay_their_own() -> None:
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x)) + torch.tensor([1.0, 2.0, 3.0, 4.0])  # a constant
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x))
+
+    for block in (Shift, Plain):
+        model = nn.Sequential(block(), block(), block(), nn.Linear(4, 2))
+        out = regfx.transform(model, dropout=0.2)
+        x = torch.randn(3, 4)
+        assert torch.equal(eval_out(out, (x,)), eval_out(model, (x,)))
+        out.train()
+        out(x)  # every block runs its regenerated forward
+        classes = {type(out[i]) for i in range(3)}
+        assert len(classes) == (3 if block is Shift else 1)
