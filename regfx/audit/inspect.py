@@ -143,6 +143,8 @@ class DropoutUse:
     def label(self) -> str:
         if self.how == "built-in":
             return _join(self.module or "", "dropout")
+        if self.module is not None and self.node is None and self.how == "definition order":
+            return _join(self.module, self.variant)  # an attention module's dropout attribute
         if self.module is not None:
             return self.module
         return f"{self.owner or '(root)'}:F.{self.variant}"
@@ -395,8 +397,30 @@ def find_dropout(model: nn.Module, graph: ModelGraph) -> list[DropoutUse]:
             if p > 0:
                 uses.append(DropoutUse(None, name, "dropout", f"{module_class_name(mod)}.dropout", p,
                                        None, [(name, False)], "built-in"))
+    # Functional dropout inside forwards that did not trace cannot be seen; attention modules
+    # (transformers' and others) keep its probability in a float attribute such as
+    # ``attention_dropout``. Attributed to the projections computing the attention weights.
+    for name in graph.opaque:
+        mod = modules.get(name)
+        if mod is None or isinstance(mod, nn.MultiheadAttention) or "attention" not in \
+                type(mod).__name__.lower():
+            continue
+        for attr in _ATTENTION_DROPOUT_ATTRS:
+            p = getattr(mod, attr, None) if attr in mod.__dict__ else None
+            if isinstance(p, float) and p > 0:
+                layers = [(_join(name, child), False) for child, sub in mod.named_children()
+                          if is_linear_like(sub) and child not in _OUTPUT_PROJECTIONS]
+                if layers:
+                    uses.append(DropoutUse(None, name, "dropout", f"{attr}", p, name, layers,
+                                           "definition order"))
+                break
     uses.sort(key=lambda u: (u.label, u.node or ""))
     return uses
+
+
+_ATTENTION_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "attention_probs_dropout_prob",
+                            "dropout_p", "dropout")
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense", "output", "out", "proj", "wo")
 
 
 # -- optimizer --------------------------------------------------------------------------------

@@ -242,3 +242,26 @@ def test_rejects_non_modules() -> None:
 def test_ddp_wrapper_is_unwrapped_for_audit() -> None:
     model = nn.DataParallel(nn.Sequential(nn.Linear(4, 4)))
     assert regfx.audit(model).model == "Sequential"
+
+
+def test_attention_dropout_attribute_inside_opaque_attention() -> None:
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    from ..conftest import FIXTURES
+
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import hf_llama
+    finally:
+        sys.path.remove(str(FIXTURES))
+    report = regfx.audit(LlamaForCausalLM(hf_llama.config(attention_dropout=0.1)))
+    attn = "model.layers.0.self_attn"
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        assert report.param(f"{attn}.{proj}.weight").regularizers == [
+            {"kind": "dropout", "p": 0.1, "via": f"{attn}.attention_dropout", "inferred": True}]
+    assert report.param(f"{attn}.o_proj.weight").regularizers == []
+    # the default, 0.0, is no regularization
+    default = regfx.audit(LlamaForCausalLM(hf_llama.config()))
+    assert default.param(f"{attn}.q_proj.weight").regularizers == []
