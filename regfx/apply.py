@@ -77,6 +77,7 @@ class Plan:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (``regfx apply --format json``)."""
         return {
             "recipe": self.recipe.to_dict(),
             "sites": self.rows(),

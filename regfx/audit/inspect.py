@@ -99,16 +99,20 @@ class ParamRecord:
 
     @property
     def regularized(self) -> bool:
+        """True when at least one regularizer applies."""
         return bool(self.regularizers)
 
     @property
     def is_bias(self) -> bool:
+        """True for a parameter named ``bias``."""
         return self.name.rsplit(".", 1)[-1] == "bias"
 
     def kinds(self) -> set[str]:
+        """The kinds of its regularizers (``{"dropout", "weight_decay"}``)."""
         return {r["kind"] for r in self.regularizers}
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as it appears under ``params`` in the JSON report."""
         out = {
             "name": self.name, "module": self.module, "module_type": self.module_type,
             "layer_type": self.layer_type, "shape": list(self.shape), "numel": self.numel,
@@ -141,6 +145,7 @@ class DropoutUse:
 
     @property
     def label(self) -> str:
+        """How reports name this dropout: the module, or ``owner:F.dropout`` for a call."""
         if self.how == "built-in":
             return _join(self.module or "", "dropout")
         if self.module is not None and self.node is None and self.how == "definition order":
@@ -159,6 +164,7 @@ class OptimizerInfo:
     groups: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``optimizer`` block of the JSON report."""
         return {"type": self.type, "adaptive": self.adaptive, "groups": list(self.groups)}
 
 

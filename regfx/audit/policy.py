@@ -151,6 +151,7 @@ class Policy:
         return cls.from_dict(audit, f"[tool.regfx.audit] of {found}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The policy as plain data (the ``policy`` block of the JSON report)."""
         return {"fail_on": self.fail_on, "min_coverage": self.min_coverage,
                 "select": list(self.select), "ignore": list(self.ignore),
                 "require": {k: list(v) for k, v in self.require.items()},

@@ -53,6 +53,7 @@ class Gate:
 
     @property
     def exit_code(self) -> int:
+        """0 when it passes, 1 when it fails (the CLI's exit code for this report)."""
         return 0 if self.passed else 1
 
 
@@ -85,6 +86,7 @@ class AuditReport:
 
     @property
     def summary(self) -> dict[str, Any]:
+        """Counts, numel and coverage (see :func:`summarize`)."""
         return summarize(self.params)
 
     def param(self, name: str) -> ParamRecord:
@@ -130,14 +132,17 @@ class AuditReport:
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent) + "\n"
 
     def to_text(self, color: bool = False) -> str:
+        """The report as an aligned text table (``regfx audit`` output)."""
         from regfx.render.text import render_text
 
         return render_text(self, color=color)
 
     def to_markdown(self) -> str:
+        """The report as Markdown with a Mermaid layer graph (for CI job summaries)."""
         from regfx.render.markdown import render_markdown
 
         return render_markdown(self)

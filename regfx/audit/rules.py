@@ -41,6 +41,7 @@ class Finding:
     location: tuple[str, int] | None = None
 
     def sort_key(self) -> tuple[str, str, str]:
+        """Reports list findings by code, then target, then message."""
         return (self.code, self.target, self.message)
 
 
@@ -56,10 +57,12 @@ class Rule:
 
     @property
     def doc(self) -> str:
+        """The check's docstring: the anti-pattern and the fix."""
         return (self.check.__doc__ or "").strip()
 
     @property
     def summary(self) -> str:
+        """The first line of :attr:`doc`."""
         return self.doc.splitlines()[0] if self.doc else ""
 
 

@@ -31,4 +31,5 @@ def regularizer_label(r: dict[str, Any]) -> str:
 
 
 def shape_label(shape: list[int]) -> str:
+    """``64x3x3x3`` (``scalar`` for a 0-d parameter)."""
     return "x".join(str(s) for s in shape) if shape else "scalar"

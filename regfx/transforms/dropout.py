@@ -52,10 +52,12 @@ class DropoutSite:
 
     @property
     def attr(self) -> str:
+        """The name of the inserted dropout child (``regfx_dropout``, ``regfx_dropout_1``...)."""
         return "regfx_dropout" if self.call_index == 0 else f"regfx_dropout_{self.call_index}"
 
     @property
     def where(self) -> str:
+        """Where the dropout goes, for plan tables."""
         return "output (hook)" if self.mode == "hook" else f"after {self.anchor}"
 
 

@@ -102,6 +102,7 @@ class SpectralNorm(_SpectralNorm):
     """torch's spectral norm parametrization with a cheaper training step (see module doc)."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight / sigma``; in training mode the power iteration advances first."""
         if weight.ndim == 1 or not self.training:
             return super().forward(weight)
         pending = self.__dict__.pop("_regfx_pending", None)
