@@ -316,6 +316,8 @@ class _Builder:
                 if op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                           "feature_alpha_dropout"):
                     extra["p"] = _dropout_p(node)
+                elif op == "scaled_dot_product_attention":
+                    extra["p"] = _sdpa_dropout_p(node)
                 env[node] = frozenset({self._op_node(
                     f"{tag}:{node.name}", op, value_in, owner=name, region=region,
                     fx_name=node.name, **extra)})
@@ -392,6 +394,12 @@ def _dropout_p(node: fx.Node) -> float | None:
         p = node.args[1]
     if p is None:
         return 0.5
+    return float(p) if isinstance(p, (int, float)) else None
+
+
+def _sdpa_dropout_p(node: fx.Node) -> float | None:
+    """``dropout_p`` of a ``scaled_dot_product_attention`` call (0.0 when not given)."""
+    p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
     return float(p) if isinstance(p, (int, float)) else None
 
 

@@ -146,6 +146,8 @@ class DropoutUse:
     @property
     def label(self) -> str:
         """How reports name this dropout: the module, or ``owner:F.dropout`` for a call."""
+        if self.variant == "scaled_dot_product_attention":
+            return f"{self.owner or '(root)'}:F.scaled_dot_product_attention(dropout_p)"
         if self.how == "built-in":
             return _join(self.module or "", "dropout")
         if self.module is not None and self.node is None and self.how == "definition order":
@@ -291,7 +293,7 @@ def _trace_back(graph: ModelGraph, modules: dict[str, nn.Module], start: str) ->
             continue
         op = data.get("op")
         if op in ACTIVATION_OPS or op in NORM_OPS or op in DROPOUT_OPS or op in POOL_OPS \
-                or op in RESHAPE_OPS:
+                or op in RESHAPE_OPS or op == "unbind":
             now_flat = flat or op in _FLATTENING_OPS
             stack.extend((p, now_flat) for p in graph.producers(node))
         elif op in ("add", "iadd", "add_", "mul", "imul"):
@@ -388,6 +390,13 @@ def find_dropout(model: nn.Module, graph: ModelGraph) -> list[DropoutUse]:
             layers = _trace_back(graph, modules, nid)
             uses.append(DropoutUse(nid, None, "dropout", str(data["op"]), p, data.get("owner"),
                                    layers, "graph" if layers else "unattributed"))
+        elif data.get("op") == "scaled_dot_product_attention" and (data.get("p") or 0.0) > 0:
+            # attention-weight dropout of F.scaled_dot_product_attention(..., dropout_p=p),
+            # attributed to the projections producing q, k and v
+            layers = _trace_back(graph, modules, nid)
+            uses.append(DropoutUse(nid, None, "dropout", "scaled_dot_product_attention",
+                                   data.get("p"), data.get("owner"), layers,
+                                   "graph" if layers else "unattributed"))
     # Hook-mode regfx dropout inside opaque modules (its module may not be a graph node).
     for name, mod in modules.items():
         if any(getattr(h, "__name__", "") == "dropout_output_hook" for h in mod._forward_hooks.values()):

@@ -265,3 +265,42 @@ def test_attention_dropout_attribute_inside_opaque_attention() -> None:
     # the default, 0.0, is no regularization
     default = regfx.audit(LlamaForCausalLM(hf_llama.config()))
     assert default.param(f"{attn}.q_proj.weight").regularizers == []
+
+
+class _FusedAttention(nn.Module):
+    """timm's Attention: one qkv projection, F.scaled_dot_product_attention with dropout_p."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, attn_drop: float = 0.1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Dropout(attn_drop)  # only its p is used, as in timm's fused path
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def test_sdpa_dropout_p_is_found_and_unused_dropout_module_is_not() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = _FusedAttention()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x + self.attn(x))
+
+    model = Net()
+    report = regfx.audit(model)
+    assert not report.opaque
+    assert report.param("attn.qkv.weight").regularizers == [
+        {"kind": "dropout", "p": 0.1, "via": "attn:F.scaled_dot_product_attention(dropout_p)"}]
+    assert report.param("attn.proj.weight").regularizers == []
+    # in eval mode the traced call has dropout_p=0: nothing to count
+    assert regfx.audit(model.eval()).param("attn.qkv.weight").regularizers == []
