@@ -88,14 +88,9 @@ _PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
 _MODULE_STATE = frozenset(vars(nn.Module()).keys())
 
 
-def trace_signature(module: nn.Module) -> tuple[Any, ...]:
-    """A key under which two modules trace to the same one-level graph.
-
-    The class, the names and classes of the children, which parameters and buffers exist, and
-    every other instance attribute: plain values (ints, strings, flags...) by value, anything
-    else by identity. Two blocks of a 48-layer stack share a key; a block whose flag differs, or
-    which holds a tensor of its own, does not. Used to trace each distinct block once.
-    """
+def _attrs_key(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
+    """The instance attributes of ``module`` outside nn.Module's own state: plain values (ints,
+    strings, flags, tuples of them) by value, anything else by identity."""
     attrs: list[tuple[Any, ...]] = []
     for key, value in module.__dict__.items():
         if key in _MODULE_STATE:
@@ -105,9 +100,22 @@ def trace_signature(module: nn.Module) -> tuple[Any, ...]:
             attrs.append((key, value))
         else:
             attrs.append((key, "id", id(value)))
+    return tuple(attrs)
+
+
+def trace_signature(module: nn.Module) -> tuple[Any, ...]:
+    """A key under which two modules trace to the same one-level graph.
+
+    The class, every instance attribute (plain values by value, anything else by identity), and
+    for each child its name, class and attributes (a forward may branch on
+    ``self.conv.stride``), which parameters and buffers exist, and the training flag. Two
+    blocks of a deep stack share a key; a block whose flag or child differs does not. Used to
+    trace each distinct block once.
+    """
     return (
-        type(module), tuple(attrs),
-        tuple((n, type(c)) for n, c in module._modules.items()),
+        type(module), _attrs_key(module),
+        tuple((n, type(c), _attrs_key(c) if c is not None else ())
+              for n, c in module._modules.items()),
         tuple((n, p is None) for n, p in module._parameters.items()),
         tuple((n, b is None) for n, b in module._buffers.items()),
         module.training,

@@ -144,3 +144,29 @@ def test_model_without_parameters_and_empty_model() -> None:
     assert regfx.trace(nn.Sequential()).fully_traced
     g = regfx.trace(nn.ReLU())
     assert [d["module"] for _, d in g.module_nodes()] == [""]
+
+
+def test_blocks_branching_on_a_child_attribute_are_traced_apart() -> None:
+    """Identical blocks share one trace; a block whose forward reads a differing child
+    attribute gets its own (and its own regenerated forward)."""
+
+    class Block(nn.Module):
+        def __init__(self, stride: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 1, stride=stride)
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            if self.conv.stride[0] > 1:  # concrete at trace time
+                return self.fc(y.mean(-1))
+            return self.fc(y.amax(-1))
+
+    model = nn.Sequential(Block(1), Block(2), Block(1))
+    x = torch.randn(3, 2, 4)
+    out = regfx.transform(model, dropout=0.2, dropout_after="conv", dropout_kind="element")
+    for i, block in enumerate(model):
+        expected = block.eval()(x)
+        got = out[i].eval()(x)
+        assert torch.equal(got, expected), i
+    assert type(out[0]) is type(out[2]) and type(out[0]) is not type(out[1])
