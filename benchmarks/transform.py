@@ -65,18 +65,22 @@ def main() -> None:
     depths = (200, 400, 1000) if args.quick else (1000, 2000, 5000, 10000)
     repeats = args.rounds or (2 if args.quick else 3)
     print("== regfx.transform + regfx.audit vs deepcopy + symbolic_trace")
-    print(f"   residual MLP blocks (Linear, LayerNorm, ReLU, add); best of {repeats}; {describe(device)}")
+    print(f"   residual MLP blocks (Linear, LayerNorm, ReLU, add); best of {repeats} interleaved "
+          f"rounds; {describe(device)}")
     print(f"   {'layers':>7}  {'regfx':>9}  {'baseline':>9}  {'ratio':>6}  {'growth':>7}  "
           f"(transform / audit)")
     first = None
     for depth in depths:
         model = Deep(depth)
-        t_transform = timed(lambda m=model: regfx.transform(m, dropout=0.1, dropout_after="linear"),
-                            repeats)
         transformed = regfx.transform(model, dropout=0.1, dropout_after="linear")
-        t_audit = timed(lambda m=transformed: regfx.audit(m), repeats)
+        # interleaved: each round times all three, so machine drift hits them alike
+        t_transform = t_audit = base = float("inf")
+        for _ in range(repeats):
+            t_transform = min(t_transform, timed(
+                lambda m=model: regfx.transform(m, dropout=0.1, dropout_after="linear"), 1))
+            t_audit = min(t_audit, timed(lambda m=transformed: regfx.audit(m), 1))
+            base = min(base, timed(lambda m=model: fx.symbolic_trace(copy.deepcopy(m)), 1))
         ours = t_transform + t_audit
-        base = timed(lambda m=model: fx.symbolic_trace(copy.deepcopy(m)), repeats)
         first = first or (depth, ours)
         growth = ours / first[1]
         print(f"   {depth:>7}  {ours:8.2f}s  {base:8.2f}s  {ours / base:5.2f}x  {growth:6.2f}x  "
