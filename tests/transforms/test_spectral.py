@@ -214,3 +214,21 @@ def test_transformed_model_uses_the_cpu_path_by_default() -> None:
     finally:
         spectral.foreach_step = original
     assert seen == [3]
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose"])
+def test_foreach_step_on_convolutions(kind: str) -> None:
+    ours_list, theirs_list = zip(*(pair(kind) for _ in range(3)), strict=True)
+    ours, theirs = nn.ModuleList(ours_list), nn.ModuleList(theirs_list)
+    norms = collect(ours)
+    assert len(norms) == 3
+    x = INPUTS[kind]()
+    for _ in range(2):
+        spectral.foreach_step(norms)
+        for a, b in zip(ours, theirs, strict=True):
+            (a(x) ** 2).sum().backward()
+            (b(x) ** 2).sum().backward()
+            torch.testing.assert_close(a.parametrizations.weight.original.grad,
+                                       b.parametrizations.weight.original.grad,
+                                       rtol=1e-4, atol=1e-5)
+            assert abs(sigma(a) / sigma(b) - 1) < 1e-5
