@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import tomllib
 from regfx.errors import RegfxError
 from regfx.select import parse_types
 
-__all__ = ["Recipe", "RecipeError", "find_pyproject", "read_toml"]
+__all__ = ["Recipe", "RecipeError", "find_pyproject", "read_toml", "table_key"]
 
 
 class RecipeError(RegfxError):
@@ -121,12 +122,7 @@ class Recipe:
         names = [f.name for f in dataclasses.fields(cls)]
         kwargs: dict[str, Any] = {}
         for raw_key, value in data.items():
-            key = str(raw_key).replace("-", "_")
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise RecipeError(f"unknown key {raw_key!r} in {source}{hint}; "
-                                  f"valid keys: {', '.join(names)}")
+            key = table_key(raw_key, names, source, RecipeError)
             if key in ("include", "exclude"):
                 if isinstance(value, str):
                     value = (value,)
@@ -189,6 +185,18 @@ class Recipe:
         """``field: mine != theirs`` for every field that differs."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def table_key(raw_key: Any, valid: Sequence[str], source: str,
+              error: type[RegfxError] = RecipeError) -> str:
+    """``raw_key`` with ``-`` read as ``_``; an unknown key is an ``error`` that names the
+    closest valid one and lists them all."""
+    key = str(raw_key).replace("-", "_")
+    if key not in valid:
+        close = difflib.get_close_matches(key, list(valid), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise error(f"unknown key {raw_key!r} in {source}{hint}; valid keys: {', '.join(valid)}")
+    return key
 
 
 def read_toml(path: Path, error: type[RegfxError] = RecipeError, what: str = "recipe") -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from regfx.errors import RegfxError
-from regfx.recipe import find_pyproject, read_toml
+from regfx.recipe import find_pyproject, read_toml, table_key
 from regfx.select import parse_types
 
 __all__ = ["Policy", "PolicyError", "FAIL_ON"]
@@ -99,12 +99,7 @@ class Policy:
             raise PolicyError(f"{source} must be a table, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}
         for raw_key, value in data.items():
-            key = str(raw_key).replace("-", "_")
-            if key not in _KEYS:
-                close = difflib.get_close_matches(key, _KEYS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise PolicyError(f"unknown key {raw_key!r} in {source}{hint}; "
-                                  f"valid keys: {', '.join(_KEYS)}")
+            key = table_key(raw_key, _KEYS, source, PolicyError)
             if key in ("select", "ignore"):
                 value = _str_tuple(value, f"{source}: {key}")
             elif key == "require":
