@@ -469,8 +469,6 @@ class Inspection:
     optimizer_missing: list[str]
     graph: ModelGraph
     modules: dict[str, nn.Module]
-    by_tensor: dict[int, ParamRecord]
-    penalty: dict[str, Any]
     by_name: dict[str, ParamRecord] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -580,8 +578,7 @@ def inspect_model(model: nn.Module, graph: ModelGraph,
     order = {k: i for i, k in enumerate(KINDS)}
     for rec in records:
         rec.regularizers.sort(key=lambda r: (order.get(r["kind"], len(order)), str(r.get("via", ""))))
-    return Inspection(type(model).__name__, records, dropouts, info, missing, graph, modules,
-                      by_tensor, state)
+    return Inspection(type(model).__name__, records, dropouts, info, missing, graph, modules)
 
 
 def _merge_scoped(rec: ParamRecord, per_name: dict[str, list[dict[str, Any]]]) -> None:

@@ -43,6 +43,8 @@ __all__ = ["SpectralNorm", "spectral_norm"]
 
 
 def _to_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
+    if dim == 0 and t.ndim == 2:
+        return t  # a Linear weight already is the matrix
     if dim != 0:
         t = t.movedim(dim, 0)
     return t.flatten(1)
@@ -67,16 +69,12 @@ class _DivideBySigma(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, inv_sigma, u_scaled, v = ctx.saved_tensors
         dim = ctx.dim
-        if dim == 0 and grad.ndim == 2 and grad.is_contiguous():  # Linear: no reshapes at all
-            out = grad * inv_sigma
-            return out.addr_(u_scaled * torch.vdot(grad.view(-1), weight.view(-1)), v), \
-                None, None, None, None
         g_mat = _to_matrix(grad, dim)
         w_mat = _to_matrix(weight, dim)
         out = g_mat * inv_sigma  # a fresh tensor in matrix layout
         out.addr_(u_scaled * torch.vdot(g_mat.reshape(-1), w_mat.reshape(-1)), v)
         if dim == 0:
-            result = out.view(grad.shape)
+            result = out if out.shape == grad.shape else out.view(grad.shape)
         else:
             moved = list(grad.shape)
             moved.insert(0, moved.pop(dim))
@@ -85,17 +83,14 @@ class _DivideBySigma(torch.autograd.Function):
 
 
 def power_iteration_batched(mats: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` power iterations on a stack of matrices ``(B, h, w)`` at once, as torch's
     ``_SpectralNorm._power_method`` does on each (``u`` first, then ``v``); returns the new
-    ``u`` (B, h), ``v`` (B, w) and ``sigma = u^T W v`` (B,)."""
-    w_t_u = v
+    ``u`` (B, h) and ``v`` (B, w)."""
     for _ in range(n):
         u = F.normalize(torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1), dim=1, eps=eps)
-        w_t_u = torch.bmm(u.unsqueeze(1), mats).squeeze(1)
-        v = F.normalize(w_t_u, dim=1, eps=eps)
-    norm = torch.linalg.vector_norm(w_t_u, dim=1)
-    return u, v, norm * norm / norm.clamp_min(eps)
+        v = F.normalize(torch.bmm(u.unsqueeze(1), mats).squeeze(1), dim=1, eps=eps)
+    return u, v
 
 
 class SpectralNorm(_SpectralNorm):
@@ -168,7 +163,7 @@ def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
             with torch.no_grad():
                 u0 = torch.stack([sn._u for sn, _ in members])
                 v0 = torch.stack([sn._v for sn, _ in members])
-                u, v, _ = power_iteration_batched(mats.detach(), u0, v0, n, eps)
+                u, v = power_iteration_batched(mats.detach(), u0, v0, n, eps)
                 torch._foreach_copy_([sn._u for sn, _ in members], list(u.unbind(0)))
                 torch._foreach_copy_([sn._v for sn, _ in members], list(v.unbind(0)))
             sigma = torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1).mul(u).sum(1)
