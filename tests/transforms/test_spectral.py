@@ -106,6 +106,16 @@ def stacked(kind: str, depth: int) -> tuple[nn.Module, nn.Module]:
     return ours, theirs
 
 
+def assert_layers_match(ours: nn.Module, theirs: nn.Module, vector: str) -> None:
+    """Each layer pair has the same weight gradient and the same ``vector`` (``_u``/``_v``)."""
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.parametrizations.weight.original.grad,
+                                   b.parametrizations.weight.original.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(a.parametrizations.weight[0], vector),
+                                   getattr(b.parametrizations.weight[0], vector),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_batched_step_matches_per_layer_torch() -> None:
     """The GPU path (batched power iteration before the forward), exercised on CPU."""
     ours, theirs = stacked("linear", 5)
@@ -118,12 +128,7 @@ def test_batched_step_matches_per_layer_torch() -> None:
         (ours(x) ** 2).sum().backward()
         assert not any("_regfx_pending" in sn.__dict__ for sn, _ in norms)  # consumed
         (theirs(x) ** 2).sum().backward()
-        for a, b in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(a.parametrizations.weight.original.grad,
-                                       b.parametrizations.weight.original.grad,
-                                       rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(a.parametrizations.weight[0]._u,
-                                       b.parametrizations.weight[0]._u, rtol=1e-5, atol=1e-6)
+        assert_layers_match(ours, theirs, "_u")
 
 
 def test_stale_pending_is_ignored_after_an_update() -> None:
@@ -192,12 +197,7 @@ def test_foreach_step_matches_per_layer_torch() -> None:
         assert all(len(sn.__dict__["_regfx_pending"]) == 4 for sn, _ in norms)
         (ours(x) ** 2).sum().backward()
         (theirs(x) ** 2).sum().backward()
-        for a, b in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(a.parametrizations.weight.original.grad,
-                                       b.parametrizations.weight.original.grad,
-                                       rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(a.parametrizations.weight[0]._v,
-                                       b.parametrizations.weight[0]._v, rtol=1e-5, atol=1e-6)
+        assert_layers_match(ours, theirs, "_v")
 
 
 def test_transformed_model_uses_the_cpu_path_by_default() -> None:
