@@ -95,15 +95,17 @@ def main() -> None:
     medians = interleaved(variants, rounds, warmup, device)
     report("Spectral norm on every linear/conv", f"{what}; {describe(device)}", medians,
            "plain step", {"regfx spectral": target})
-    # correctness: the same number of training steps from the same state gives the same sigma
-    step_t = train_step(check_theirs, sgd(check_theirs), x, y, autocast=autocast)
-    step_o = train_step(check_ours, sgd(check_ours), x, y, autocast=autocast)
-    for _ in range(3):
-        step_t()
-        step_o()
-    diff = max(float((a - b).abs() / b.abs()) for a, b in zip(sigmas(check_ours), sigmas(check_theirs)))
-    print(f"   sigma after 3 steps, max relative difference regfx vs torch: {diff:.2e}")
-
+    # correctness: the same number of training steps from the same state gives the same sigma,
+    # in fp32 (the 1e-5 target) and under the workload's autocast when it has one
+    for label, dtype in [("fp32", None)] + ([(f"{autocast} autocast", autocast)] if autocast else []):
+        a, b = copy.deepcopy(check_theirs), copy.deepcopy(check_ours)
+        step_t = train_step(a, sgd(a), x, y, autocast=dtype)
+        step_o = train_step(b, sgd(b), x, y, autocast=dtype)
+        for _ in range(3):
+            step_t()
+            step_o()
+        diff = max(float((s - t).abs() / t.abs()) for s, t in zip(sigmas(b), sigmas(a)))
+        print(f"   sigma after 3 {label} steps, max relative difference regfx vs torch: {diff:.2e}")
 
 if __name__ == "__main__":
     main()
