@@ -101,11 +101,15 @@ class SpectralNorm(_SpectralNorm):
         if weight.ndim == 1 or not self.training:
             return super().forward(weight)
         pending = self.__dict__.pop("_regfx_pending", None)
-        if pending is not None and pending[0] == weight._version:
-            # u/v already advanced by this forward's batched_step (GPU) or foreach_step (CPU)
-            if len(pending) == 2:
-                return weight * pending[1]
-            return _DivideBySigma.apply(weight, pending[1], pending[2], pending[3], self.dim)  # type: ignore[no-any-return]
+        if pending is not None and pending[1] == weight._version:
+            # u/v already advanced for this forward by the model's pre-hook
+            kind = pending[0]
+            if kind == "ready":  # spectral_fused: the normalized weight itself
+                pending[3][pending[4]] = True  # mark the layer used
+                return pending[2]  # type: ignore[no-any-return]
+            if kind == "scale":  # batched_step: 1/sigma, differentiable
+                return weight * pending[2]
+            return _DivideBySigma.apply(weight, pending[2], pending[3], pending[4], self.dim)  # type: ignore[no-any-return]
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
         with torch.no_grad():
@@ -169,7 +173,7 @@ def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
             sigma = torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1).mul(u).sum(1)
             inv = sigma.reciprocal()
         for (sn, weight), inv_i in zip(members, inv.unbind(0), strict=True):
-            sn.__dict__["_regfx_pending"] = (weight._version, inv_i)
+            sn.__dict__["_regfx_pending"] = ("scale", weight._version, inv_i)
 
 
 def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
@@ -185,10 +189,19 @@ def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
            for sn, _ in members):
         return  # mixed settings: each layer iterates on its own
     mats = [sn._reshape_weight_to_matrix(w) for sn, w in members]
-    us = [sn._u for sn, _ in members]
-    vs = [sn._v for sn, _ in members]
+    inv, u_scaled, new_v = _iterate(mats, [sn._u for sn, _ in members], [sn._v for sn, _ in members],
+                                    members[0][0].n_power_iterations, eps)
+    for (sn, weight), inv_i, u_i, v_i in zip(members, inv, u_scaled, new_v, strict=True):
+        sn.__dict__["_regfx_pending"] = ("divide", weight._version, inv_i, u_i, v_i)
+
+
+def _iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor], n: int,
+             eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``n`` power iterations of every matrix in ``mats``, updating ``us``/``vs`` in place:
+    one ``mv`` per matrix and half-step, every vector operation one foreach op over all.
+    Returns ``1/sigma``, ``-u/sigma^2`` and a fresh copy of the new ``v`` for each."""
     with torch.no_grad():
-        for _ in range(members[0][0].n_power_iterations):
+        for _ in range(n):
             w_v = [torch.mv(m, v) for m, v in zip(mats, vs, strict=True)]
             new_u = torch._foreach_div(w_v, torch._foreach_clamp_min(torch._foreach_norm(w_v), eps))
             torch._foreach_copy_(us, new_u)
@@ -201,9 +214,7 @@ def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
         inv = torch._foreach_div(clamped, torch._foreach_mul(norms_v, norms_v))
         neg_inv2 = torch._foreach_neg(torch._foreach_mul(inv, inv))
         u_scaled = torch._foreach_mul(new_u, neg_inv2)
-    for (sn, weight), inv_i, u_i, v_i in zip(members, inv, u_scaled, new_v, strict=True):
-        sn.__dict__["_regfx_pending"] = (weight._version, inv_i, u_i, v_i)
-
+    return list(inv), list(u_scaled), list(new_v)
 
 def collect(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
     """Every regfx :class:`SpectralNorm` of ``model`` with its stored weight, tied ones once."""
@@ -227,15 +238,22 @@ def _pre_hook(model: nn.Module, args: Any) -> None:
     norms = model.__dict__.get("_regfx_spectral")
     if norms is None:
         norms = model.__dict__["_regfx_spectral"] = collect(model)
-    # Batching pays where kernel launches dominate (GPUs). On CPUs a batched matrix-vector
-    # product is slower than one mv per layer (measured), so each layer iterates on its own.
     if len(norms) < 2:
         return
-    if norms[0][1].device.type != "cpu" or model.__dict__.get("_regfx_batch_cpu"):
+    # Where kernel launches dominate (GPUs) all layers go as one fused step replayed as CUDA
+    # graphs, or failing that as batched products; on CPUs a batched matrix-vector product is
+    # slower than one mv per layer (measured), so each layer has its mv and the rest is foreach.
+    path = model.__dict__.get("_regfx_path") or ("foreach" if norms[0][1].device.type == "cpu" else "fused")
+    if path == "fused":
+        from . import spectral_fused
+
+        if spectral_fused.fused_step(model, norms, use_graphs=norms[0][1].is_cuda):
+            return
+        path = "batched"
+    if path == "batched":
         batched_step(norms)
     else:
         foreach_step(norms)
-
 
 def _post_hook(model: nn.Module, args: Any, output: Any) -> None:
     # A layer the forward did not call leaves its 1/sigma behind, part of an autograd graph:
@@ -263,3 +281,6 @@ def uninstall(model: nn.Module) -> None:
         del model._forward_hooks[key]
     for mod in model.modules():
         mod.__dict__.pop("_regfx_pending", None)
+    from . import spectral_fused
+
+    spectral_fused.forget(model)

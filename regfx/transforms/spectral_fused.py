@@ -1,0 +1,296 @@
+"""Every spectral norm of a model as one operation per training step, replayed as CUDA graphs.
+
+On a GPU a training step of a convolutional network is mostly kernel launches, and a spectral
+norm per layer adds a dozen or more: the power iteration, sigma, the division and the backward
+through all of them. Here the whole work for all layers of a model is two operations:
+
+- before the training forward, one autograd function advances every power iteration and
+  returns every normalized weight ``W / sigma`` in one flat buffer; each layer's
+  parametrization then just hands out its slice (same strides as its weight);
+- in the backward, the same function receives the gradients of all normalized weights at once
+  (autograd concatenates them) and computes every ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``.
+
+Each of the two is a fixed sequence of kernels over tensors that stay where they are between
+steps (the weights, the ``u``/``v`` buffers, and static input/output buffers), so on CUDA each is
+captured once as a CUDA graph and then replayed: one launch plus a copy or two, however many
+layers there are. The first call of each runs eagerly (it warms up the libraries), the second
+captures; the graphs are rebuilt when a weight or vector moves (``model.to(...)``), changes
+dtype or shape. The arithmetic is :func:`regfx.transforms.spectral.foreach_step`'s and
+:class:`~regfx.transforms.spectral._DivideBySigma`'s; without CUDA graphs (on a CPU in tests, or
+while compiling or capturing) the same bodies run eagerly.
+
+Semantics are torch's: ``u``/``v`` advance once per training forward, a layer used twice in one
+forward iterates again for its second use, a layer not called gets no gradient (``None``), and
+changing a weight in place between forward and backward raises autograd's usual error.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .spectral import SpectralNorm, _iterate, _to_matrix
+
+__all__ = ["FusedSpectral", "eligible", "fused_step", "forget"]
+
+Members = list[tuple[SpectralNorm, torch.Tensor]]
+
+
+def _dense_order(t: torch.Tensor) -> list[int] | None:
+    """Dimensions of ``t`` ordered so that ``t.permute(order)`` is contiguous, if ``t`` is dense."""
+    strides = t.stride()
+    order = sorted(range(t.ndim), key=lambda d: (-strides[d], d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _from_matrix(mat: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_to_matrix` for a ``(h, w)`` matrix and a weight of ``shape``."""
+    if dim == 0:
+        return mat.view(shape)
+    moved = list(shape)
+    moved.insert(0, moved.pop(dim))
+    return mat.view(moved).movedim(0, dim)
+
+
+def eligible(members: Members) -> bool:
+    """Whether ``members`` can share one fused step: two or more, in training mode, on one
+    device with one dtype, one ``eps`` and one number of power iterations, and dense weights."""
+    if len(members) < 2:
+        return False
+    sn0, w0 = members[0]
+    for sn, w in members:
+        if (w.ndim < 2 or not sn.training or w.device != w0.device or w.dtype != w0.dtype
+                or sn.eps != sn0.eps or sn.n_power_iterations != sn0.n_power_iterations
+                or _dense_order(w) is None):
+            return False
+    return True
+
+
+class FusedSpectral:
+    """The fused step of one model's spectral norms: layout, buffers and, on CUDA, its graphs."""
+
+    def __init__(self, members: Members, use_graphs: bool) -> None:
+        self.members = members
+        self.weights = [w for _, w in members]
+        self.key = _key(members)
+        self.use_graphs = self.graphs_requested = use_graphs
+        self.n = members[0][0].n_power_iterations
+        self.eps = members[0][0].eps
+        self.orders = [_dense_order(w) or [] for w in self.weights]
+        self.phys = [[w.shape[d] for d in o] for w, o in zip(self.weights, self.orders, strict=True)]
+        self.inverse = [sorted(range(len(o)), key=o.__getitem__) for o in self.orders]
+        self.numels = [w.numel() for w in self.weights]
+        # scalars per layer in one flat buffer: 1/sigma, -u/sigma^2 (h values), v (w values)
+        self.scalar_sizes = []
+        for sn, _ in members:
+            self.scalar_sizes += [1, sn._u.numel(), sn._v.numel()]
+        self.forward_calls = 0
+        self.backward_calls = 0
+        self.fwd_graph: Any = None
+        self.bwd_graph: Any = None
+        self.stream: Any = None
+
+    def current(self) -> bool:
+        """Whether the weights and vectors are still where the buffers and graphs expect them."""
+        return _key(self.members) == self.key
+
+    # -- views into flat buffers --------------------------------------------------------------
+
+    def weight_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer views of a flat buffer, each with the shape and strides of its weight."""
+        out = []
+        for piece, phys, order, inverse in zip(flat.split(self.numels), self.phys, self.orders,
+                                               self.inverse, strict=True):
+            t = piece.view(phys)
+            out.append(t if order == inverse == list(range(len(order))) else t.permute(inverse))
+        return out
+
+    def scalar_views(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+        parts = flat.split(self.scalar_sizes)
+        return [p.view(()) for p in parts[0::3]], list(parts[1::3]), list(parts[2::3])
+
+    def new_weights(self) -> torch.Tensor:
+        w = self.weights[0]
+        return torch.empty(sum(self.numels), dtype=w.dtype, device=w.device)
+
+    def new_scalars(self) -> torch.Tensor:
+        w = self.weights[0]
+        return torch.empty(sum(self.scalar_sizes), dtype=w.dtype, device=w.device)
+
+    # -- the two bodies (eager, or captured) ----------------------------------------------------
+
+    def forward_body(self, us: list[torch.Tensor], vs: list[torch.Tensor], out_w: torch.Tensor,
+                     out_s: torch.Tensor) -> None:
+        """Advance the power iterations (``us``/``vs`` in place); write ``W / sigma`` into
+        ``out_w`` and ``1/sigma``, ``-u/sigma^2``, ``v`` into ``out_s``."""
+        # in fp32 (or the weights' dtype) under autocast too, like the per-layer path
+        with torch.no_grad(), torch.autocast(self.weights[0].device.type, enabled=False):
+            mats = [_to_matrix(w, sn.dim) for sn, w in self.members]
+            inv, u_scaled, new_v = _iterate(mats, us, vs, self.n, self.eps)
+            inv_out, u_out, v_out = self.scalar_views(out_s)
+            torch._foreach_copy_(inv_out, inv)
+            torch._foreach_copy_(u_out, u_scaled)
+            torch._foreach_copy_(v_out, new_v)
+            for w, i, o in zip(self.weights, inv, self.weight_views(out_w), strict=True):
+                torch.mul(w, i, out=o)
+
+    def backward_body(self, grad: torch.Tensor, scalars: torch.Tensor, out: torch.Tensor) -> None:
+        """``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T`` for every layer, into ``out``."""
+        with torch.no_grad():
+            inv, u_scaled, v = self.scalar_views(scalars)
+            grads = self.weight_views(grad)
+            outs = self.weight_views(out)
+            flat_g = grad.split(self.numels)
+            for (sn, w), g, g_flat, o, order, i, u_i, v_i in zip(
+                    self.members, grads, flat_g, outs, self.orders, inv, u_scaled, v, strict=True):
+                dot = torch.vdot(g_flat, w.permute(order).reshape(-1))  # same element order
+                torch.mul(g, i, out=o)
+                if sn.dim == 0 and o.ndim == 2:
+                    o.addr_(u_i * dot, v_i)
+                else:
+                    o.add_(_from_matrix(torch.outer(u_i * dot, v_i), sn.dim, w.shape))
+
+    # -- running them -----------------------------------------------------------------------------
+
+    def _side_stream(self) -> Any:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.weights[0].device)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        return self.stream
+
+    def _warm_up(self, body: Any, *args: Any) -> None:
+        """Run ``body`` once on the capture stream (libraries initialize outside the capture)."""
+        with torch.cuda.stream(self._side_stream()):
+            body(*args)
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def _capture(self, body: Any, *args: Any) -> Any:
+        """Capture ``body`` (nothing runs) and return its CUDA graph."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
+            body(*args)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph
+
+    def _graph_failed(self, error: Exception) -> None:
+        from ..apply import RegfxWarning
+
+        self.use_graphs = False
+        warnings.warn(f"regfx: spectral norm runs without CUDA graphs, capture failed: {error}",
+                      RegfxWarning, stacklevel=2)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the forward body; returns fresh ``(normalized weights, scalars)`` buffers."""
+        us = [sn._u for sn, _ in self.members]
+        vs = [sn._v for sn, _ in self.members]
+        self.forward_calls += 1
+        if self.use_graphs and self.forward_calls > 1 and self.fwd_graph is None and _can_capture():
+            try:
+                self.static_w, self.static_s = self.new_weights(), self.new_scalars()
+                # copies of u/v for the warm-up, which would advance them; capture runs nothing
+                self._warm_up(self.forward_body, [u.clone() for u in us], [v.clone() for v in vs],
+                              self.static_w, self.static_s)
+                self.fwd_graph = self._capture(self.forward_body, us, vs, self.static_w, self.static_s)
+            except RuntimeError as error:
+                self._graph_failed(error)
+        if self.fwd_graph is None or not self.use_graphs or not _can_capture():
+            out_w, out_s = self.new_weights(), self.new_scalars()
+            self.forward_body(us, vs, out_w, out_s)
+            return out_w, out_s
+        self.fwd_graph.replay()
+        return self.static_w.clone(), self.static_s.clone()
+
+    def backward(self, grad: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        """Run the backward body on the flat gradient; returns a fresh flat weight gradient."""
+        self.backward_calls += 1
+        if self.use_graphs and self.backward_calls > 1 and self.bwd_graph is None and _can_capture():
+            try:
+                self.static_g, self.static_sb = torch.empty_like(grad), torch.empty_like(scalars)
+                self.static_gw = torch.empty_like(grad)
+                self.static_g.copy_(grad)
+                self.static_sb.copy_(scalars)
+                self._warm_up(self.backward_body, self.static_g, self.static_sb, self.static_gw)
+                self.bwd_graph = self._capture(self.backward_body, self.static_g, self.static_sb,
+                                               self.static_gw)
+            except RuntimeError as error:
+                self._graph_failed(error)
+        if self.bwd_graph is None or not self.use_graphs or not _can_capture():
+            out = torch.empty_like(grad)
+            self.backward_body(grad, scalars, out)
+            return out
+        self.static_g.copy_(grad)
+        self.static_sb.copy_(scalars)
+        self.bwd_graph.replay()
+        return self.static_gw.clone()
+
+
+def _can_capture() -> bool:
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    return not compiling and not torch.cuda.is_current_stream_capturing()
+
+
+class _NormalizeAll(torch.autograd.Function):
+    """``(W_1 / sigma_1, ..., W_n / sigma_n)`` as one flat tensor; see the module doc."""
+
+    @staticmethod
+    def forward(ctx: Any, fused: FusedSpectral, used: list[bool], *weights: torch.Tensor
+                ) -> torch.Tensor:
+        out_w, out_s = fused.forward()
+        ctx.fused, ctx.used, ctx.key = fused, used, fused.key
+        ctx.save_for_backward(out_s, *weights)  # autograd checks the weights' versions
+        return out_w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        fused: FusedSpectral = ctx.fused
+        scalars = ctx.saved_tensors[0]
+        if fused.key != ctx.key or not fused.current():  # moved since the forward: run eagerly
+            fused = FusedSpectral(fused.members, use_graphs=False)
+        flat = fused.backward(grad.contiguous(), scalars)
+        views = fused.weight_views(flat)
+        return (None, None, *(g if used else None for g, used in zip(views, ctx.used, strict=True)))
+
+
+_STATE: weakref.WeakKeyDictionary[nn.Module, tuple[Members, Any, FusedSpectral | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def fused_step(model: nn.Module, members: Members, use_graphs: bool) -> bool:
+    """Compute every normalized weight of ``members`` for ``model``'s next forward in one
+    operation and leave each layer its slice (see the module doc). Returns False, doing
+    nothing, where the layers cannot share one step (see :func:`eligible`)."""
+    state = _STATE.get(model)
+    fused = state[2] if state is not None else None
+    if state is not None and state[0] is members and (fused is None or fused.graphs_requested == use_graphs):
+        if fused is None:
+            if state[1] == _key(members):
+                return False
+        elif fused.current():
+            return _run(fused, members)
+    fused = FusedSpectral(members, use_graphs) if eligible(members) else None
+    _STATE[model] = (members, _key(members), fused)
+    return fused is not None and _run(fused, members)
+
+
+def _key(members: Members) -> tuple[Any, ...]:
+    return tuple((w.data_ptr(), w.dtype, w.shape, w.stride(), sn._u.data_ptr(), sn._v.data_ptr(),
+                  sn.training) for sn, w in members)
+
+
+def _run(fused: FusedSpectral, members: Members) -> bool:
+    used = [False] * len(members)
+    flat = _NormalizeAll.apply(fused, used, *fused.weights)
+    for i, ((sn, weight), wn) in enumerate(zip(members, fused.weight_views(flat), strict=True)):
+        sn.__dict__["_regfx_pending"] = ("ready", weight._version, wn, used, i)
+    return True
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s fused state (buffers and graphs)."""
+    _STATE.pop(model, None)
