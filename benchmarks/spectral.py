@@ -80,6 +80,8 @@ def main() -> None:
     scaled = with_parametrization(copy.deepcopy(model), Scale)
     # same starting point: copy torch's u/v (and weights) into regfx's
     ours.load_state_dict(theirs.state_dict())
+    batched = copy.deepcopy(ours)
+    batched.__dict__["_regfx_path"] = "batched"  # the GPU path without CUDA graphs
 
     def sgd(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
@@ -89,6 +91,8 @@ def main() -> None:
         "plain step": train_step(plain, sgd(plain), x, y, autocast=autocast),
         "regfx spectral": train_step(ours, sgd(ours), x, y, autocast=autocast),
         "torch spectral_norm": train_step(theirs, sgd(theirs), x, y, autocast=autocast),
+        **({"regfx, batched (no CUDA graphs)": train_step(batched, sgd(batched), x, y, autocast=autocast)}
+           if device.type == "cuda" else {}),
         "floor: identity parametrization": train_step(identity, sgd(identity), x, y, autocast=autocast),
         "floor: W * scalar parametrization": train_step(scaled, sgd(scaled), x, y, autocast=autocast),
     }
