@@ -19,7 +19,7 @@ from regfx.recipe import Recipe
 from regfx.select import parse_types, select_layers
 from regfx.trace import trace
 from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
-from regfx.transforms.norms import NormSite, apply_norms, fold_norms, plan_norms
+from regfx.transforms.norms import ZERO_WEIGHT, NormSite, apply_norms, fold_norms, plan_norms
 from regfx.transforms.penalty import PenaltySpec, apply_penalty, plan_penalty, remove_penalty
 
 __all__ = ["Plan", "plan", "transform", "bake", "load_state_dict", "save_checkpoint",
@@ -174,6 +174,8 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
                                       rec.n_power_iterations, rec.include, rec.exclude)
     result.norms = norms
     result.skipped += [(layer, "norm", why) for layer, why in skipped_norms]
+    result.warnings += [f"layer {layer!r} not normalized: {why}" for layer, why in skipped_norms
+                        if why.startswith(ZERO_WEIGHT)]
     result.penalty = plan_penalty(model, rec.l1, rec.l2, rec.penalty_on, rec.include, rec.exclude)
     return result
 

@@ -20,8 +20,8 @@ from regfx.select import is_linear_like, select_layers
 from regfx.transforms import spectral as _spectral
 from regfx.transforms.spectral import spectral_norm
 
-__all__ = ["NormSite", "NormError", "plan_norms", "apply_norms", "fold_norms", "norm_kind_of",
-           "output_dim"]
+__all__ = ["NormSite", "NormError", "ZERO_WEIGHT", "plan_norms", "zero_weight_reason", "apply_norms",
+           "fold_norms", "norm_kind_of", "output_dim"]
 
 
 class NormError(RegfxError):
@@ -74,6 +74,32 @@ def norm_kind_of(module: nn.Module, name: str = "weight") -> str | None:
     return None
 
 
+ZERO_WEIGHT = "zero-initialized weight"
+
+
+def zero_weight_reason(weight: torch.Tensor, kind: str, dim: int) -> str | None:
+    """Why ``kind`` cannot normalize ``weight``, if it is zero where the norm divides by it.
+
+    Weight norm divides each output row by its norm, spectral norm the whole weight by its
+    largest singular value: a zero row (weight norm) or an all-zero weight (spectral norm), as
+    left by zero-initialized heads and residual branches, would make the layer output NaN.
+    """
+    if weight.is_meta or weight.ndim < 2:
+        return None
+    with torch.no_grad():
+        if kind == "weight_norm":
+            dims = [d for d in range(weight.ndim) if d != dim]
+            rows = int((weight.abs().amax(dim=dims) == 0).sum())
+            if rows:
+                return (f"{ZERO_WEIGHT}: {rows} of {weight.shape[dim]} output rows are all zeros, "
+                        "and weight norm would make them NaN; normalize after initializing it, or "
+                        "exclude the layer")
+        elif not bool(weight.any()):
+            return (f"{ZERO_WEIGHT}: the weight is all zeros, and spectral norm would make it NaN; "
+                    "normalize after initializing it, or exclude the layer")
+    return None
+
+
 def plan_norms(
     model: nn.Module, spectral: str | None, weight_norm_types: str | None,
     n_power_iterations: int, include: tuple[str, ...], exclude: tuple[str, ...],
@@ -110,6 +136,10 @@ def plan_norms(
         weight = mod._parameters.get("weight")
         if not isinstance(weight, nn.Parameter):
             skipped.append((name, "has no weight parameter"))
+            continue
+        zero = zero_weight_reason(weight, kind, output_dim(mod))
+        if zero:
+            skipped.append((name, zero))
             continue
         by_param.setdefault(id(weight), []).append(name)
     # Layers sharing a weight with a layer that is not selected: the alias is normalized too,

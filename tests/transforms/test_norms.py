@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import regfx
 from regfx.transforms.norms import norm_kind_of
@@ -108,3 +111,25 @@ def test_half_precision_model() -> None:
     out = regfx.transform(model, weight_norm="linear", dropout=0.1)
     x = torch.randn(3, 4, dtype=torch.bfloat16)
     assert eval_out(out, (x,)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral"])
+def test_zero_initialized_layer_is_left_alone_with_a_warning(kind: str) -> None:
+    """A zero-initialized head (as in torchvision's ViT) would turn into NaN under a norm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)
+    if kind == "weight_norm":
+        model[0].weight.data[1] = 0  # one zero output row is enough for weight norm
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = regfx.transform(model, **{kind: "linear"})
+    warned = sorted(str(w.message).split("'")[1] for w in caught
+                    if issubclass(w.category, regfx.RegfxWarning))
+    assert warned == (["2"] if kind == "spectral" else ["0", "2"])
+    assert all("not normalized: zero-initialized weight" in str(w.message) for w in caught)
+    assert not parametrize.is_parametrized(out[2])
+    assert parametrize.is_parametrized(out[0]) == (kind == "spectral")
+    assert torch.isfinite(out(torch.randn(2, 4))).all()
+    skipped = regfx.plan(model, **{kind: "linear"}).skipped
+    assert any(layer == "2" and why.startswith("zero-initialized weight") for layer, _, why in skipped)
