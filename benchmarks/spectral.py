@@ -99,22 +99,43 @@ def main() -> None:
     medians = interleaved(variants, rounds, warmup, device)
     report("Spectral norm on every linear/conv", f"{what}; {describe(device)}", medians,
            "plain step", {"regfx spectral": target})
-    # correctness: training steps from the same state give the same sigma, in fp32 (the 1e-5
-    # target) and under the workload's autocast. On a GPU two runs of torch's own spectral norm
-    # drift apart too (non-deterministic kernels, amplified by the unconverged power iteration):
-    # that drift, torch vs torch, is printed beside regfx vs torch.
+    # correctness, from the same state, in fp32 (the 1e-5 target; TF32 off) and under the
+    # workload's autocast: sigma after one training forward (u/v advanced once), the weight
+    # gradients of that forward, then sigma after 3 training steps. On a GPU two runs of torch's
+    # own spectral norm differ too (non-deterministic kernels, amplified step after step by the
+    # unconverged power iteration): torch vs torch is printed beside regfx vs torch.
+    loss_fn = nn.CrossEntropyLoss()
     for label, dtype in [("fp32", None)] + ([(f"{autocast} autocast", autocast)] if autocast else []):
-        torch.backends.cudnn.allow_tf32 = dtype is not None  # fp32 means fp32 convolutions too
-        a, b, c = copy.deepcopy(check_theirs), copy.deepcopy(check_ours), copy.deepcopy(check_theirs)
-        steps = [train_step(m, sgd(m), x, y, autocast=dtype) for m in (a, b, c)]
-        for n in range(1, 4):
+        torch.backends.cudnn.allow_tf32 = dtype is not None
+        models = [copy.deepcopy(check_theirs), copy.deepcopy(check_ours), copy.deepcopy(check_theirs)]
+        for m in models:
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = loss_fn(m(x), y)
+            loss.backward()
+        report_diffs(f"one {label} forward: sigma", [sigmas(m) for m in models])
+        report_diffs(f"one {label} backward: weight gradient", [grads(m) for m in models])
+        steps = [train_step(m, sgd(m), x, y, autocast=dtype) for m in models]
+        for _ in range(3):
             for step in steps:
                 step()
-            if n in (1, 3):
-                ours_vs = max(float((s - t).abs() / t.abs()) for s, t in zip(sigmas(b), sigmas(a)))
-                torch_vs = max(float((s - t).abs() / t.abs()) for s, t in zip(sigmas(c), sigmas(a)))
-                print(f"   sigma after {n} {label} step(s), max relative difference: regfx vs torch "
-                      f"{ours_vs:.1e}, torch vs torch {torch_vs:.1e}")
+        report_diffs(f"3 {label} steps: sigma", [sigmas(m) for m in models])
+
+
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    return [m.parametrizations.weight.original.grad for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def report_diffs(what: str, values: list[list[torch.Tensor]]) -> None:
+    """Largest relative difference over layers (norms for tensors): regfx vs torch, torch vs torch."""
+    def diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+        return max(float((a.float() - b.float()).norm() / b.float().norm())
+                   for a, b in zip(xs, ys, strict=True))
+
+    theirs, ours, again = values
+    print(f"   after {what}, max relative difference: regfx vs torch {diff(ours, theirs):.1e}, "
+          f"torch vs torch {diff(again, theirs):.1e}")
+
 
 if __name__ == "__main__":
     main()
