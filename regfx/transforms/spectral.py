@@ -105,7 +105,6 @@ class SpectralNorm(_SpectralNorm):
             # u/v already advanced for this forward by the model's pre-hook
             kind = pending[0]
             if kind == "ready":  # spectral_fused: the normalized weight itself
-                pending[3][pending[4]] = True  # mark the layer used
                 return pending[2]  # type: ignore[no-any-return]
             if kind == "scale":  # batched_step: 1/sigma, differentiable
                 return weight * pending[2]

@@ -5,10 +5,11 @@ norm per layer adds a dozen or more: the power iteration, sigma, the division an
 through all of them. Here the whole work for all layers of a model is two operations:
 
 - before the training forward, one autograd function advances every power iteration and
-  returns every normalized weight ``W / sigma`` in one flat buffer; each layer's
-  parametrization then just hands out its slice (same strides as its weight);
-- in the backward, the same function receives the gradients of all normalized weights at once
-  (autograd concatenates them) and computes every ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``.
+  returns every normalized weight ``W / sigma``, all views of one flat buffer (each with its
+  weight's strides); each layer's parametrization then just hands out its own;
+- in the backward, the same function receives the gradients of all normalized weights at once,
+  copies them into one flat buffer and computes every
+  ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``.
 
 Each of the two is a fixed sequence of kernels over tensors that stay where they are between
 steps (the weights, the ``u``/``v`` buffers, and static input/output buffers), so on CUDA each is
@@ -205,14 +206,25 @@ class FusedSpectral:
         self.fwd_graph.replay()
         return self.static_w.clone(), self.static_s.clone()
 
-    def backward(self, grad: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        """Run the backward body on the flat gradient; returns a fresh flat weight gradient."""
+    def _pack(self, flat: torch.Tensor, grads: tuple[torch.Tensor | None, ...]) -> None:
+        """Copy the per-layer gradients into ``flat`` (zeros for layers without one)."""
+        views = self.weight_views(flat)
+        if all(g is not None for g in grads):
+            torch._foreach_copy_(views, list(grads))  # type: ignore[arg-type]
+            return
+        present = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
+        if present:
+            torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
+        torch._foreach_zero_([v for v, g in zip(views, grads, strict=True) if g is None])
+
+    def backward(self, grads: tuple[torch.Tensor | None, ...], scalars: torch.Tensor) -> torch.Tensor:
+        """Run the backward body on the layers' gradients; returns a fresh flat weight gradient."""
         self.backward_calls += 1
         if self.use_graphs and self.backward_calls > 1 and self.bwd_graph is None and _can_capture():
             try:
-                self.static_g, self.static_sb = torch.empty_like(grad), torch.empty_like(scalars)
-                self.static_gw = torch.empty_like(grad)
-                self.static_g.copy_(grad)
+                self.static_g, self.static_gw = self.new_weights(), self.new_weights()
+                self.static_sb = torch.empty_like(scalars)
+                self._pack(self.static_g, grads)
                 self.static_sb.copy_(scalars)
                 self._warm_up(self.backward_body, self.static_g, self.static_sb, self.static_gw)
                 self.bwd_graph = self._capture(self.backward_body, self.static_g, self.static_sb,
@@ -220,10 +232,11 @@ class FusedSpectral:
             except RuntimeError as error:
                 self._graph_failed(error)
         if self.bwd_graph is None or not self.use_graphs or not _can_capture():
-            out = torch.empty_like(grad)
-            self.backward_body(grad, scalars, out)
+            flat, out = self.new_weights(), self.new_weights()
+            self._pack(flat, grads)
+            self.backward_body(flat, scalars, out)
             return out
-        self.static_g.copy_(grad)
+        self._pack(self.static_g, grads)
         self.static_sb.copy_(scalars)
         self.bwd_graph.replay()
         return self.static_gw.clone()
@@ -235,26 +248,27 @@ def _can_capture() -> bool:
 
 
 class _NormalizeAll(torch.autograd.Function):
-    """``(W_1 / sigma_1, ..., W_n / sigma_n)`` as one flat tensor; see the module doc."""
+    """``(W_1 / sigma_1, ..., W_n / sigma_n)``, views of one flat buffer; see the module doc."""
 
     @staticmethod
-    def forward(ctx: Any, fused: FusedSpectral, used: list[bool], *weights: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(ctx: Any, fused: FusedSpectral, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out_w, out_s = fused.forward()
-        ctx.fused, ctx.used, ctx.key = fused, used, fused.key
+        ctx.fused, ctx.key = fused, fused.key
         ctx.save_for_backward(out_s, *weights)  # autograd checks the weights' versions
-        return out_w
+        ctx.set_materialize_grads(False)  # a layer not called gets None, not zeros
+        return tuple(fused.weight_views(out_w))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         fused: FusedSpectral = ctx.fused
         scalars = ctx.saved_tensors[0]
+        if all(g is None for g in grads):
+            return (None,) * (len(grads) + 1)
         if fused.key != ctx.key or not fused.current():  # moved since the forward: run eagerly
             fused = FusedSpectral(fused.members, use_graphs=False)
-        flat = fused.backward(grad.contiguous(), scalars)
-        views = fused.weight_views(flat)
-        return (None, None, *(g if used else None for g, used in zip(views, ctx.used, strict=True)))
+        views = fused.weight_views(fused.backward(grads, scalars))
+        return (None, *(v if g is not None else None for v, g in zip(views, grads, strict=True)))
 
 
 _STATE: weakref.WeakKeyDictionary[nn.Module, tuple[Members, Any, FusedSpectral | None]] = (
@@ -284,10 +298,9 @@ def _key(members: Members) -> tuple[Any, ...]:
 
 
 def _run(fused: FusedSpectral, members: Members) -> bool:
-    used = [False] * len(members)
-    flat = _NormalizeAll.apply(fused, used, *fused.weights)
-    for i, ((sn, weight), wn) in enumerate(zip(members, fused.weight_views(flat), strict=True)):
-        sn.__dict__["_regfx_pending"] = ("ready", weight._version, wn, used, i)
+    normalized = _NormalizeAll.apply(fused, *fused.weights)
+    for (sn, weight), wn in zip(members, normalized, strict=True):
+        sn.__dict__["_regfx_pending"] = ("ready", weight._version, wn)
     return True
 
 
