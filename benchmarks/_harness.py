@@ -24,6 +24,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--workload", choices=["auto", "mlp", "resnet50"], default="auto",
+                   help="step-overhead model: auto is ResNet-50 on CUDA, the deep MLP on CPU")
+    p.add_argument("--batch", type=int, default=None, help="batch size of the workload")
+    p.add_argument("--size", type=int, default=224, help="image size for resnet50")
     return p
 
 
@@ -149,12 +153,19 @@ def step_workload(args: argparse.Namespace, device: torch.device
 
     Returns ``(model, x, y, autocast dtype, description, rounds, warmup)``.
     """
-    if device.type == "cuda" and not args.quick:
+    workload = args.workload
+    if workload == "auto":
+        workload = "resnet50" if device.type == "cuda" and not args.quick else "mlp"
+    if workload == "resnet50":
+        batch, size = args.batch or 64, args.size
         model = ResNet50().to(device).to(memory_format=torch.channels_last)
-        x = torch.randn(64, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (64,), device=device)
-        return model, x, y, torch.bfloat16, "ResNet-50, batch 64, bf16 autocast", args.rounds or 30, 5
+        x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        what = f"ResNet-50, batch {batch}, {size}px, {'bf16 autocast' if autocast else 'fp32'}"
+        return model, x, y, autocast, what, args.rounds or 30, 5
     depth, width, batch = (8, 64, 32) if args.quick else (48, 256, 64)
+    batch = args.batch or batch
     model = deep_mlp(depth, width).to(device)
     x = torch.randn(batch, width, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
