@@ -17,11 +17,14 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   :func:`install`), the power iterations of all its spectral norms advance together. On CPUs
   (:func:`foreach_step`): one matrix-vector product per layer and per half-step, and every
   vector operation (norms, divisions, the scalars for the backward) as one foreach op over all
-  layers, so a layer's own forward is one multiplication. On GPUs (:func:`batched_step`):
-  same-shaped weights are stacked once and each half-step is one batched product instead of a
-  handful of small kernels per layer; each layer's forward is one multiplication by
-  ``1/sigma``, and autograd differentiates the batched ``sigma = u^T W v``. On a CPU a batched
-  matrix-vector product is slower than one per layer (measured), hence the two paths.
+  layers, so a layer's own forward is one multiplication. On GPUs
+  (:mod:`regfx.transforms.spectral_fused`): all layers' power iterations, normalized weights
+  and weight gradients as one fused step, replayed as CUDA graphs. Where that cannot be used
+  (mixed dtypes or settings, non-dense weights), :func:`batched_step`: same-shaped weights are
+  stacked once and each half-step is one batched product; each layer's forward is one
+  multiplication by ``1/sigma``, and autograd differentiates the batched ``sigma = u^T W v``.
+  On a CPU neither pays: a batched matrix-vector product is slower than one per layer, and the
+  fused step's copies cost more than they save (both measured), hence the paths.
   A layer called outside that forward, or a second time in it, iterates on its own, as torch's
   does.
 
