@@ -83,9 +83,14 @@ class FusedSpectral:
         self.n = members[0][0].n_power_iterations
         self.eps = members[0][0].eps
         self.orders = [_dense_order(w) or [] for w in self.weights]
-        self.phys = [[w.shape[d] for d in o] for w, o in zip(self.weights, self.orders, strict=True)]
-        self.inverse = [sorted(range(len(o)), key=o.__getitem__) for o in self.orders]
         self.numels = [w.numel() for w in self.weights]
+        # a dense weight's elements fill numel consecutive places: its strides work from any
+        # offset of a flat buffer
+        offsets = [0]
+        for n in self.numels[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.layout = [(tuple(w.shape), tuple(w.stride()), off)
+                       for w, off in zip(self.weights, offsets, strict=True)]
         # scalars per layer in one flat buffer: 1/sigma, -u/sigma^2 (h values), v (w values)
         self.scalar_sizes = []
         for sn, _ in members:
@@ -104,12 +109,8 @@ class FusedSpectral:
 
     def weight_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer views of a flat buffer, each with the shape and strides of its weight."""
-        out = []
-        for piece, phys, order, inverse in zip(flat.split(self.numels), self.phys, self.orders,
-                                               self.inverse, strict=True):
-            t = piece.view(phys)
-            out.append(t if order == inverse == list(range(len(order))) else t.permute(inverse))
-        return out
+        base = flat.storage_offset()
+        return [flat.as_strided(shape, stride, base + off) for shape, stride, off in self.layout]
 
     def scalar_views(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
         parts = flat.split(self.scalar_sizes)
@@ -293,8 +294,9 @@ def fused_step(model: nn.Module, members: Members, use_graphs: bool) -> bool:
 
 
 def _key(members: Members) -> tuple[Any, ...]:
-    return tuple((w.data_ptr(), w.dtype, w.shape, w.stride(), sn._u.data_ptr(), sn._v.data_ptr(),
-                  sn.training) for sn, w in members)
+    """Where every weight and vector is (their storage moves with ``.to()``, ``.half()``...)."""
+    return tuple((w.data_ptr(), sn._buffers["_u"].data_ptr(), sn._buffers["_v"].data_ptr(), sn.training)
+                 for sn, w in members)
 
 
 def _run(fused: FusedSpectral, members: Members) -> bool:
