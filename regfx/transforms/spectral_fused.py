@@ -295,8 +295,8 @@ def fused_step(model: nn.Module, members: Members, use_graphs: bool) -> bool:
 
 def _key(members: Members) -> tuple[Any, ...]:
     """Where every weight and vector is (their storage moves with ``.to()``, ``.half()``...)."""
-    return tuple((w.data_ptr(), sn._buffers["_u"].data_ptr(), sn._buffers["_v"].data_ptr(), sn.training)
-                 for sn, w in members)
+    return tuple((w.data_ptr(), sn._buffers["_u"].data_ptr(), sn._buffers["_v"].data_ptr(),  # type: ignore[union-attr]
+                  sn.training) for sn, w in members)
 
 
 def _run(fused: FusedSpectral, members: Members) -> bool:
