@@ -142,7 +142,8 @@ class FusedSpectral:
                 torch.mul(w, i, out=o)
 
     def backward_body(self, grad: torch.Tensor, scalars: torch.Tensor, out: torch.Tensor) -> None:
-        """``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T`` for every layer, into ``out``."""
+        """``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T`` for every layer, into ``out``
+        (which may be ``grad`` itself)."""
         with torch.no_grad():
             inv, u_scaled, v = self.scalar_views(scalars)
             grads = self.weight_views(grad)
@@ -219,28 +220,30 @@ class FusedSpectral:
         torch._foreach_zero_([v for v, g in zip(views, grads, strict=True) if g is None])
 
     def backward(self, grads: tuple[torch.Tensor | None, ...], scalars: torch.Tensor) -> torch.Tensor:
-        """Run the backward body on the layers' gradients; returns a fresh flat weight gradient."""
+        """Run the backward body on the layers' gradients; returns a fresh flat weight gradient.
+
+        The body works in place (each layer's dot product is taken before its slice is
+        overwritten), so one flat buffer holds the incoming and the outgoing gradients."""
         self.backward_calls += 1
         if self.use_graphs and self.backward_calls > 1 and self.bwd_graph is None and _can_capture():
             try:
-                self.static_g, self.static_gw = self.new_weights(), self.new_weights()
-                self.static_sb = torch.empty_like(scalars)
+                self.static_g, self.static_sb = self.new_weights(), torch.empty_like(scalars)
                 self._pack(self.static_g, grads)
                 self.static_sb.copy_(scalars)
-                self._warm_up(self.backward_body, self.static_g, self.static_sb, self.static_gw)
+                self._warm_up(self.backward_body, self.static_g, self.static_sb, self.static_g)
                 self.bwd_graph = self._capture(self.backward_body, self.static_g, self.static_sb,
-                                               self.static_gw)
+                                               self.static_g)
             except RuntimeError as error:
                 self._graph_failed(error)
         if self.bwd_graph is None or not self.use_graphs or not _can_capture():
-            flat, out = self.new_weights(), self.new_weights()
+            flat = self.new_weights()
             self._pack(flat, grads)
-            self.backward_body(flat, scalars, out)
-            return out
+            self.backward_body(flat, scalars, flat)
+            return flat
         self._pack(self.static_g, grads)
         self.static_sb.copy_(scalars)
         self.bwd_graph.replay()
-        return self.static_gw.clone()
+        return self.static_g.clone()
 
 
 def _can_capture() -> bool:
