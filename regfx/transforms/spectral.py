@@ -218,6 +218,7 @@ def _iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Te
         u_scaled = torch._foreach_mul(new_u, neg_inv2)
     return list(inv), list(u_scaled), list(new_v)
 
+
 def collect(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
     """Every regfx :class:`SpectralNorm` of ``model`` with its stored weight, tied ones once."""
     out: list[tuple[SpectralNorm, torch.Tensor]] = []
@@ -256,6 +257,7 @@ def _pre_hook(model: nn.Module, args: Any) -> None:
         batched_step(norms)
     else:
         foreach_step(norms)
+
 
 def _post_hook(model: nn.Module, args: Any, output: Any) -> None:
     # A layer the forward did not call leaves its 1/sigma behind, part of an autograd graph:

@@ -257,7 +257,7 @@ class _NormalizeAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, fused: FusedSpectral, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out_w, out_s = fused.forward()
-        ctx.fused, ctx.key = fused, fused.key
+        ctx.fused = fused
         ctx.save_for_backward(out_s, *weights)  # autograd checks the weights' versions
         ctx.set_materialize_grads(False)  # a layer not called gets None, not zeros
         return tuple(fused.weight_views(out_w))
@@ -269,7 +269,7 @@ class _NormalizeAll(torch.autograd.Function):
         scalars = ctx.saved_tensors[0]
         if all(g is None for g in grads):
             return (None,) * (len(grads) + 1)
-        if fused.key != ctx.key or not fused.current():  # moved since the forward: run eagerly
+        if not fused.current():  # a weight moved since the forward (model.to): run eagerly
             fused = FusedSpectral(fused.members, use_graphs=False)
         views = fused.weight_views(fused.backward(grads, scalars))
         return (None, *(v if g is not None else None for v, g in zip(views, grads, strict=True)))
