@@ -33,7 +33,7 @@ In eval mode it runs torch's code unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +241,7 @@ def _pre_hook(model: nn.Module, args: Any) -> None:
     norms = model.__dict__.get("_regfx_spectral")
     if norms is None:
         norms = model.__dict__["_regfx_spectral"] = collect(model)
-    if len(norms) < 2:
+    if len(norms) < 2 or not _owns(model, norms):
         return
     # Where kernel launches dominate (GPUs) all layers go as one fused step replayed as CUDA
     # graphs, or failing that as batched products; on CPUs a batched matrix-vector product is
@@ -266,12 +266,32 @@ def _post_hook(model: nn.Module, args: Any, output: Any) -> None:
         sn.__dict__.pop("_regfx_pending", None)
 
 
+def _owns(model: nn.Module, norms: list[tuple[SpectralNorm, torch.Tensor]]) -> bool:
+    """Whether ``norms`` are ``model``'s own. Not for a replica made by ``nn.DataParallel``,
+    which shares its original's ``__dict__`` entries (this list among them) but has copies of its
+    submodules: there each layer iterates on its own, on the replica's vectors, as torch's does."""
+    site = model.__dict__.get("_regfx_spectral_first")
+    if site is None:
+        return True
+    try:
+        plists = cast(nn.ModuleDict, model.get_submodule(site[0]).parametrizations)
+        plist = cast(nn.ModuleList, plists[site[1]])
+    except (AttributeError, KeyError):
+        return False
+    return any(p is norms[0][0] for p in plist)
+
+
 def install(model: nn.Module) -> None:
     """Batch the power iterations of ``model``'s spectral norms before each training forward."""
     uninstall(model)
     norms = collect(model)
     if len(norms) > 1:
         model.__dict__["_regfx_spectral"] = norms
+        first = norms[0][0]
+        model.__dict__["_regfx_spectral_first"] = next(
+            (path, key) for path, mod in model.named_modules()
+            if isinstance(getattr(mod, "parametrizations", None), nn.ModuleDict)
+            for key, plist in mod.parametrizations.items() if any(p is first for p in plist))
         model.register_forward_pre_hook(_pre_hook)
         model.register_forward_hook(_post_hook)
 
@@ -279,6 +299,7 @@ def install(model: nn.Module) -> None:
 def uninstall(model: nn.Module) -> None:
     """Remove what :func:`install` added (the hook and the cached list)."""
     model.__dict__.pop("_regfx_spectral", None)
+    model.__dict__.pop("_regfx_spectral_first", None)
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _pre_hook]:
         del model._forward_pre_hooks[key]
     for key in [k for k, h in model._forward_hooks.items() if h is _post_hook]:

@@ -451,3 +451,35 @@ def test_fused_step_capture_failure_falls_back_with_a_warning(monkeypatch: pytes
     with pytest.warns(regfx.RegfxWarning, match="without CUDA graphs, capture failed"):
         train_pair(ours, theirs, x, 3)
     assert not spectral_fused._STATE[ours][2].use_graphs
+
+
+def cpu_replica(model: nn.Module) -> nn.Module:
+    """What ``torch.nn.parallel.replicate`` (``nn.DataParallel``) makes of ``model`` for one
+    device, on the CPU: shallow module copies sharing ``__dict__`` entries and hooks, with
+    differentiable copies of the parameters and copies of the buffers."""
+    modules = list(model.modules())
+    copies = {id(m): m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        r = copies[id(m)]
+        for key, child in m._modules.items():
+            setattr(r, key, copies[id(child)]) if child is not None else r._modules.__setitem__(key, None)
+        for key, param in m._parameters.items():
+            setattr(r, key, param * 1)
+        for key, buf in m._buffers.items():
+            setattr(r, key, buf.clone())
+    return copies[id(model)]
+
+
+@pytest.mark.parametrize("path", [None, "fused", "batched"])
+def test_dataparallel_replica_iterates_on_its_own_like_torch(path: str | None) -> None:
+    ours, theirs = mixed_pair(path)
+    before = copy.deepcopy(ours.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    out_o, out_t = cpu_replica(ours)(x), cpu_replica(theirs)(x)
+    torch.testing.assert_close(out_o, out_t, rtol=1e-4, atol=1e-6)
+    for key, value in ours.state_dict().items():  # the original's u/v are not advanced
+        assert torch.equal(value, before[key]), key
+    (out_o ** 2).sum().backward()
+    (out_t ** 2).sum().backward()
+    assert_mixed_match(ours, theirs, grads=True)
+    ours(x).sum().backward()  # the original still takes its own fast path afterwards
