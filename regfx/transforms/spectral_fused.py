@@ -189,10 +189,10 @@ class FusedSpectral:
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the forward body; returns fresh ``(normalized weights, scalars)`` buffers."""
-        us = [sn._u for sn, _ in self.members]
-        vs = [sn._v for sn, _ in self.members]
         self.forward_calls += 1
-        if self.use_graphs and self.forward_calls > 1 and self.fwd_graph is None and _can_capture():
+        graphs = self.use_graphs and _can_capture()
+        if graphs and self.fwd_graph is None and self.forward_calls > 1:
+            us, vs = self._vectors()
             try:
                 self.static_w, self.static_s = self.new_weights(), self.new_scalars()
                 # copies of u/v for the warm-up, which would advance them; capture runs nothing
@@ -201,12 +201,15 @@ class FusedSpectral:
                 self.fwd_graph = self._capture(self.forward_body, us, vs, self.static_w, self.static_s)
             except RuntimeError as error:
                 self._graph_failed(error)
-        if self.fwd_graph is None or not self.use_graphs or not _can_capture():
+        if not (graphs and self.use_graphs and self.fwd_graph is not None):
             out_w, out_s = self.new_weights(), self.new_scalars()
-            self.forward_body(us, vs, out_w, out_s)
+            self.forward_body(*self._vectors(), out_w, out_s)
             return out_w, out_s
         self.fwd_graph.replay()
         return self.static_w.clone(), self.static_s.clone()
+
+    def _vectors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [sn._u for sn, _ in self.members], [sn._v for sn, _ in self.members]
 
     def _pack(self, flat: torch.Tensor, grads: tuple[torch.Tensor | None, ...]) -> None:
         """Copy the per-layer gradients into ``flat`` (zeros for layers without one)."""
@@ -225,7 +228,8 @@ class FusedSpectral:
         The body works in place (each layer's dot product is taken before its slice is
         overwritten), so one flat buffer holds the incoming and the outgoing gradients."""
         self.backward_calls += 1
-        if self.use_graphs and self.backward_calls > 1 and self.bwd_graph is None and _can_capture():
+        graphs = self.use_graphs and _can_capture()
+        if graphs and self.bwd_graph is None and self.backward_calls > 1:
             try:
                 self.static_g, self.static_sb = self.new_weights(), torch.empty_like(scalars)
                 self._pack(self.static_g, grads)
@@ -235,7 +239,7 @@ class FusedSpectral:
                                                self.static_g)
             except RuntimeError as error:
                 self._graph_failed(error)
-        if self.bwd_graph is None or not self.use_graphs or not _can_capture():
+        if not (graphs and self.use_graphs and self.bwd_graph is not None):
             flat = self.new_weights()
             self._pack(flat, grads)
             self.backward_body(flat, scalars, flat)
