@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from regfx.errors import RegfxError, SelectionError
+from regfx.errors import RegfxError, RegfxWarning, SelectionError
 from regfx.graph import ModelGraph
 from regfx.recipe import Recipe
 from regfx.select import parse_types, select_layers
@@ -31,10 +31,6 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(RegfxError):
     """A checkpoint is unreadable, truncated, not a regfx checkpoint, or does not match."""
-
-
-class RegfxWarning(UserWarning):
-    """Something regfx did is probably not what was meant (a type word matching nothing...)."""
 
 
 @dataclass

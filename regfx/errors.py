@@ -20,3 +20,7 @@ class SelectionError(RegfxError):
 
 class TraceError(RegfxError):
     """Tracing could not proceed (raised only for misuse, never for untraceable code)."""
+
+
+class RegfxWarning(UserWarning):
+    """Something regfx did is probably not what was meant (a type word matching nothing...)."""

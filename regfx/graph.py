@@ -2,10 +2,24 @@
 
 Nodes are module calls and ops. A module-call node has the attributes ``module`` (qualified
 name), ``module_type`` (class name), ``call_index`` (0 for the first call of that module in the
-graph, 1 for the second, ...), ``opaque`` (True when the call was not seen by a successful trace,
-so its surroundings are unknown) and ``owner`` (the qualified name of the module whose traced
-forward makes the call, None when no traced forward does). An op node has ``module=None``, ``op``
-(``add``, ``relu``, ``dropout``, ``view``, ``input``, ``output``, ...), ``owner`` and ``opaque``.
+graph, 1 for the second, ...), ``opaque`` (True when the call was neither traced nor observed,
+so its surroundings are unknown), ``called`` (False for a layer that did not run in the observed
+forward, None where that is unknown) and ``owner`` (the qualified name of the module whose
+forward makes the call, None when no traced or observed forward does). An op node has
+``module=None``, ``op`` (``add``, ``relu``, ``dropout``, ``view``, ``input``, ``output``, ...),
+``owner`` and ``opaque``; an op that reads a layer's parameter directly
+(``F.linear(x, self.qkv.weight)``) lists that layer in ``uses``. Nodes stitched from a symbolic
+trace carry ``fx_name`` and ``owner_spec`` (the owner's call-site specialization); nodes from the
+observed forward carry ``observed=True``.
+
+Every node has a ``role``, computed once at trace time (:func:`assign_roles`): a layer word
+(``linear``, ``conv``, ``embedding``, ``attention``, ``rnn``), ``norm``, ``activation``,
+``dropout`` (with ``p``), ``residual_add``, ``attention`` (also the attention op and the softmax
+of a q·kᵀ product), ``input``, ``output``, ``reshape`` and ``elementwise`` (transparent ops),
+``combine`` (add/sum/mean/cat that is not a residual), ``matmul``, ``param`` (a parameter read),
+``metadata`` (shape reads) or ``other``. The walk API (:meth:`ModelGraph.follow`,
+:meth:`ModelGraph.reaches`) is parametrized by roles.
+
 Edges are dataflow: ``u -> v`` when a value produced by ``u`` is an argument of ``v``.
 """
 
@@ -18,9 +32,10 @@ from typing import Any
 import networkx as nx
 from torch import nn
 
-from regfx.select import LayerSelector, is_norm, parse_types
+from regfx.select import LayerSelector, layer_word, parse_types
 
-__all__ = ["ModelGraph", "ACTIVATION_OPS", "NORM_OPS", "RESHAPE_OPS", "DROPOUT_OPS"]
+__all__ = ["ModelGraph", "ACTIVATION_OPS", "NORM_OPS", "RESHAPE_OPS", "DROPOUT_OPS", "assign_roles",
+           "OUTPUT_TRANSPARENT", "CHAIN_ROLES", "LAYER_ROLES"]
 
 ACTIVATION_OPS = frozenset(
     {
@@ -36,9 +51,38 @@ RESHAPE_OPS = frozenset(
         "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
         "unsqueeze", "getitem", "t", "view_as", "reshape_as", "unflatten", "float", "to",
         "type_as", "half", "bfloat16", "chunk", "split", "clone", "detach", "expand",
-        "narrow", "movedim", "swapaxes",
+        "narrow", "movedim", "swapaxes", "interpolate", "upsample", "upsample_nearest2d",
+        "upsample_bilinear2d", "pad", "pixel_shuffle", "pixel_unshuffle", "roll", "flip",
+        "unbind", "tensor_split", "select", "index_select", "squeeze_", "unsqueeze_", "T", "mT",
+        "repeat", "tile", "repeat_interleave", "expand_as", "adaptive_avg_pool2d", "avg_pool2d",
+        "max_pool2d", "adaptive_avg_pool1d", "adaptive_max_pool2d", "avg_pool1d", "max_pool1d",
+        "type", "double", "cpu", "cuda",
     }
 )
+ELEMENTWISE_OPS = frozenset(
+    {
+        "mul", "mul_", "div", "div_", "truediv", "sub", "sub_", "neg", "clamp", "clamp_", "clip",
+        "exp", "log", "pow", "abs", "sqrt", "rsqrt", "where", "masked_fill", "masked_fill_",
+        "scale", "floordiv", "tanh", "sign", "square", "reciprocal", "nan_to_num", "log1p",
+        "expm1", "erf", "sin", "cos", "fill_", "zero_", "copy_", "setitem", "addcmul", "lerp",
+    }
+)
+COMBINE_OPS = frozenset({"add", "iadd", "add_", "sum", "mean", "cat", "concat", "concatenate",
+                         "stack", "hstack", "vstack", "amax", "max", "logsumexp"})
+MATMUL_OPS = frozenset({"matmul", "bmm", "baddbmm", "einsum", "mm"})
+ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward",
+                           "flash_attention_forward", "sdpa_attention_forward"})
+_FUNCTIONAL_LAYERS = {"linear": "linear", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv",
+                      "conv_transpose1d": "conv", "conv_transpose2d": "conv",
+                      "conv_transpose3d": "conv", "embedding": "embedding", "addmm": "linear"}
+LAYER_ROLES = frozenset({"linear", "conv", "embedding", "attention", "rnn"})
+"""Roles of nodes that compute with weights of their own (a walk through them stops)."""
+CHAIN_ROLES = frozenset({"norm", "activation"})
+"""The roles of a layer's block chain (``conv -> bn -> relu``)."""
+OUTPUT_TRANSPARENT = frozenset({"reshape", "elementwise", "activation", "norm", "dropout",
+                                "combine"})
+"""Roles that pass a value on to a model output unchanged in kind: a layer whose value reaches
+an output through only these is an output layer."""
 DROPOUT_OPS = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
 )
@@ -80,7 +124,12 @@ class ModelGraph:
         modules: qualified name -> class name of every module of the model (inserted ones
             excluded), in ``named_modules`` order.
         output_layers: layers observed (by running ``example_inputs``) to produce a model
-            output; empty when no example inputs were given.
+            output; empty when the model did not run.
+        observed: qualified name -> why its forward did not trace symbolically, for the
+            modules whose dataflow comes from the observed forward instead.
+        inputs: the example inputs the model ran on and where they came from (one line), or
+            None when it did not run.
+        observe_error: why the model did not run (no inputs, or the forward failed), or None.
     """
 
     nx: nx.DiGraph
@@ -89,6 +138,9 @@ class ModelGraph:
     traced: list[str] = field(default_factory=list)
     modules: dict[str, str] = field(default_factory=dict)
     output_layers: frozenset[str] = frozenset()
+    observed: dict[str, str] = field(default_factory=dict)
+    inputs: str | None = None
+    observe_error: str | None = None
     _calls: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _reach_cache: dict[str, bool] = field(default_factory=dict, repr=False)
 
@@ -105,7 +157,7 @@ class ModelGraph:
 
     @property
     def fully_traced(self) -> bool:
-        """True when the whole model traced as one region (tier 1)."""
+        """True when every forward of the model traced or was observed (no opaque region)."""
         return not self.opaque
 
     def module_nodes(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -155,106 +207,97 @@ class ModelGraph:
         """Nodes whose values ``node`` consumes."""
         return list(self.nx.predecessors(node))
 
-    def _is_chain_member(self, node: str, model: nn.Module | None) -> bool:
-        data = self.nx.nodes[node]
-        op = data.get("op")
-        if op in ACTIVATION_OPS or op in NORM_OPS:
-            return True
-        if data.get("module") is not None and model is not None:
-            mod = _get(model, data["module"])
-            return mod is not None and (is_norm(mod) or is_activation_module(mod))
-        return False
+    def role(self, node: str) -> str:
+        """The role of ``node`` (see the module docstring)."""
+        return str(self.nx.nodes[node].get("role", "other"))
+
+    def _value_producers(self, node: str) -> list[str]:
+        return [p for p in self.nx.predecessors(node)
+                if self.nx.nodes[p].get("role") not in ("param", "metadata")]
+
+    def follow(self, node: str, through: Iterable[str]) -> list[str]:
+        """The solo consumers of ``node`` whose roles are in ``through``, in order.
+
+        Each step takes the only consumer of the current node, when its role is in
+        ``through`` and the current node is its only value input (parameter reads do not
+        count). For ``conv -> bn -> relu`` with ``through=CHAIN_ROLES`` this is ``[bn, relu]``.
+        """
+        roles = frozenset(through)
+        chain: list[str] = []
+        current = node
+        while True:
+            nxt = self.consumers(current)
+            if len(nxt) != 1 or self.role(nxt[0]) not in roles:
+                return chain
+            if len(self._value_producers(nxt[0])) != 1:
+                return chain
+            chain.append(nxt[0])
+            current = nxt[0]
+
+    def reaches(self, node: str, through: Iterable[str], target: Iterable[str] = ("output",),
+                accept: Any = None) -> str | None:
+        """The first node with a role in ``target`` reached from ``node`` through ``through``.
+
+        A depth-first walk over consumers that enters only nodes whose role is in ``through``
+        (or in ``target``, where it stops). ``accept`` (a predicate on node ids) can refuse a
+        target node. Returns the node found, or None.
+        """
+        roles = frozenset(through)
+        targets = frozenset(target)
+        seen = {node}
+        stack = [node]
+        while stack:
+            cur = stack.pop()
+            for succ in self.consumers(cur):
+                if succ in seen:
+                    continue
+                seen.add(succ)
+                role = self.role(succ)
+                if role in targets and (accept is None or accept(succ)):
+                    return succ
+                if role in roles:
+                    stack.append(succ)
+        return None
 
     def solo_chain(self, node: str, model: nn.Module | None = None) -> list[str]:
         """The norm/activation nodes that solely consume ``node``'s output, in order.
 
         For ``conv -> bn -> relu`` (each the only consumer of the previous) this is
-        ``[bn, relu]``. The chain stops at the first node with several consumers, or whose
-        consumer is not a norm or an activation. ``model`` is needed to tell norm and
-        activation modules apart from other module calls.
+        ``[bn, relu]``. ``model`` is accepted for compatibility and not needed: roles are
+        computed at trace time.
         """
-        chain: list[str] = []
-        current = node
-        while True:
-            nxt = self.consumers(current)
-            if len(nxt) != 1 or not self._is_chain_member(nxt[0], model):
-                return chain
-            if len(self.producers(nxt[0])) != 1 and self.nx.nodes[nxt[0]].get("op") not in NORM_OPS:
-                return chain
-            chain.append(nxt[0])
-            current = nxt[0]
+        return self.follow(node, CHAIN_ROLES)
 
     def dropout_follows(self, node: str, model: nn.Module | None = None) -> bool:
-        """True when a dropout (op or module) consumes ``node``'s output or its solo chain's."""
-        ends = [node, *self.solo_chain(node, model)]
-        for end in ends:
-            for succ in self.consumers(end):
-                data = self.nx.nodes[succ]
-                if data.get("op") in DROPOUT_OPS:
-                    return True
-                if data.get("module") is not None and model is not None:
-                    mod = _get(model, data["module"])
-                    if mod is not None and is_dropout_module(mod):
-                        return True
-        return False
+        """True when a dropout with p > 0 (or an unknown p) takes ``node``'s value on its way
+        to the next layer: directly, after its norm/activation chain, or after reshapes."""
+        def real(n: str) -> bool:
+            p = self.nx.nodes[n].get("p")
+            return p is None or p > 0
+        return self.reaches(node, CHAIN_ROLES | {"reshape"}, ("dropout",), accept=real) is not None
 
     def reaches_output(self, node: str, model: nn.Module | None = None) -> bool:
-        """True when ``node``'s value is a model output directly or through reshapes,
-        activations, norms and dropout only (no further layer or arithmetic in between)."""
+        """True when ``node``'s value reaches a model output through only transparent roles
+        (:data:`OUTPUT_TRANSPARENT`: reshapes, interpolation, activations, norms, dropout,
+        elementwise ops, and add/sum/mean/cat that are not residual adds)."""
         cached = self._reach_cache.get(node)
-        if cached is not None:
-            return cached
-        seen = {node}
-        stack = [node]
-        found = False
-        while stack and not found:
-            cur = stack.pop()
-            for succ in self.consumers(cur):
-                data = self.nx.nodes[succ]
-                op = data.get("op")
-                if op == "output":
-                    found = True
-                    break
-                transparent = (
-                    op in RESHAPE_OPS or op in ACTIVATION_OPS or op in DROPOUT_OPS
-                    or op in NORM_OPS or self._is_chain_member(succ, model)
-                    or (data.get("module") is not None and model is not None
-                        and is_dropout_module(_get(model, data["module"]) or nn.Module()))
-                )
-                if transparent and succ not in seen:
-                    seen.add(succ)
-                    stack.append(succ)
-        self._reach_cache[node] = found
-        return found
+        if cached is None:
+            cached = self.reaches(node, OUTPUT_TRANSPARENT) is not None
+            self._reach_cache[node] = cached
+        return cached
+
+    def functional_uses(self, module: str) -> list[str]:
+        """Op nodes that read a parameter of ``module`` directly (``F.linear(x, m.weight)``)."""
+        return [n for n, d in self.nx.nodes(data=True) if module in d.get("uses", ())]
 
     def residual_adds(self) -> list[str]:
         """Add nodes joining a value with a branch computed from that same value.
 
         ``out = x + f(x)``: one input of the add is an ancestor of the other; or the shortcut
-        is a short projection of it (``out = f(x) + downsample(x)``, up to
-        ``shortcut_depth`` nodes between ``x`` and the add).
+        is a short projection of it (``out = f(x) + downsample(x)``). Their role is
+        ``residual_add``.
         """
-        found = []
-        for nid, _ in self.op_nodes(*ADD_OPS):
-            preds = [p for p in self.producers(nid) if self.nx.nodes[p].get("op") != "get_attr"]
-            if len(preds) < 2:
-                continue
-            if any(self._is_shortcut(a, b) for a in preds for b in preds if a != b):
-                found.append(nid)
-        return found
-
-    def _is_shortcut(self, shortcut: str, branch: str, shortcut_depth: int = 3) -> bool:
-        frontier = [shortcut]
-        for _ in range(shortcut_depth + 1):
-            nxt = []
-            for node in frontier:
-                if nx.has_path(self.nx, node, branch):
-                    return True
-                nxt.extend(self.producers(node))
-            frontier = nxt
-            if not frontier:
-                return False
-        return False
+        return [n for n, d in self.nx.nodes(data=True) if d.get("role") == "residual_add"]
 
     def region_of(self, node: str) -> str | None:
         """The traced region holding ``node`` (a module's qualified name, '' for the root)."""
@@ -278,3 +321,132 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name) if name else model
     except AttributeError:
         return None
+
+
+_ROLE_OF_WORD = {"linear": "linear", "conv": "conv", "embedding": "embedding",
+                 "attention": "attention", "rnn": "rnn", "norm": "norm"}
+_RESHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Upsample, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.PixelShuffle)
+
+
+def module_role(module: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The role of a call of ``module`` and extra attributes (``p`` for dropout)."""
+    word = layer_word(module)
+    if word is not None:
+        return _ROLE_OF_WORD[word], {"word": word}
+    if is_dropout_module(module):
+        p = getattr(module, "p", None)
+        if p is None:
+            p = getattr(module, "drop_prob", None)
+        return "dropout", {"p": float(p) if isinstance(p, (int, float)) else None,
+                           "drop_path": not isinstance(module, _DROPOUT_MODULES)}
+    if is_activation_module(module):
+        return "activation", {}
+    if isinstance(module, _RESHAPE_MODULES):
+        return "reshape", {}
+    return "other", {}
+
+
+def op_role(op: str | None) -> str:
+    """The role of an op node named ``op``."""
+    if op in ("input", "output"):
+        return str(op)
+    if op == "get_attr":
+        return "param"
+    if op in SHAPE_OPS:
+        return "metadata"
+    if op in DROPOUT_OPS:
+        return "dropout"
+    if op in ATTENTION_OPS:
+        return "attention"
+    if op in NORM_OPS:
+        return "norm"
+    if op in ACTIVATION_OPS:
+        return "activation"
+    if op in _FUNCTIONAL_LAYERS:
+        return _FUNCTIONAL_LAYERS[op]
+    if op in RESHAPE_OPS:
+        return "reshape"
+    if op in COMBINE_OPS:
+        return "combine"
+    if op in ELEMENTWISE_OPS:
+        return "elementwise"
+    if op in MATMUL_OPS:
+        return "matmul"
+    return "other"
+
+
+def assign_roles(g: nx.DiGraph, modules: dict[str, nn.Module]) -> None:
+    """Give every node of a freshly traced graph its ``role`` (and ``uses`` for functional
+    parameter reads). Called once, by :func:`regfx.trace`."""
+    owners: dict[str, str] = {}
+    for name, mod in modules.items():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owners[f"{name}.{pname}" if name else pname] = name
+        if hasattr(mod, "parametrizations"):
+            for tname in mod.parametrizations:  # type: ignore[union-attr]
+                owners[f"{name}.{tname}" if name else tname] = name
+    for _nid, data in g.nodes(data=True):
+        name = data.get("module")
+        if name is not None:
+            mod = modules.get(name)
+            role, extra = module_role(mod) if mod is not None else ("other", {})
+            if data.get("opaque") and role == "other":
+                role = "opaque"
+            data["role"] = role
+            for k, v in extra.items():
+                data.setdefault(k, v)
+        else:
+            data["role"] = op_role(data.get("op"))
+    # functional uses: a parameter read (get_attr) feeding an op, or an observed op's params
+    for nid, data in list(g.nodes(data=True)):
+        if data["role"] == "param":
+            owner = owners.get(str(data.get("attr")))
+            if owner is not None:
+                for succ in g.successors(nid):
+                    g.nodes[succ]["uses"] = (*g.nodes[succ].get("uses", ()), owner)
+        elif data.get("module") is None and data.get("params"):
+            used = tuple(dict.fromkeys(owners[p] for p in data["params"] if p in owners))
+            if used:
+                data["uses"] = used
+    for nid, data in g.nodes(data=True):
+        if data.get("op") in ADD_OPS and _is_residual(g, nid):
+            data["role"] = "residual_add"
+        elif data.get("op") in ("softmax", "_softmax") and _follows_matmul(g, nid):
+            data["role"] = "attention"
+
+
+def _is_residual(g: nx.DiGraph, node: str, shortcut_depth: int = 3) -> bool:
+    """An add of a value and a branch computed from it (or from a short projection of it)."""
+    preds = [p for p in g.predecessors(node) if g.nodes[p].get("op") != "get_attr"]
+    if len(preds) < 2:
+        return False
+    for a in preds:
+        for b in preds:
+            if a == b:
+                continue
+            frontier = [a]
+            for _ in range(shortcut_depth + 1):
+                if any(nx.has_path(g, n, b) for n in frontier):
+                    return True
+                frontier = [p for n in frontier for p in g.predecessors(n)]
+                if not frontier:
+                    break
+    return False
+
+
+def _follows_matmul(g: nx.DiGraph, node: str, depth: int = 4) -> bool:
+    """A softmax over a q·kᵀ product (through masks, scaling and reshapes)."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for p in g.predecessors(n):
+                op = g.nodes[p].get("op")
+                if op in MATMUL_OPS:
+                    return True
+                if op in ELEMENTWISE_OPS or op in RESHAPE_OPS or op in COMBINE_OPS:
+                    nxt.append(p)
+        frontier = nxt
+    return False

@@ -1,23 +1,33 @@
-"""Tiered torch.fx tracing that never gives up, producing a :class:`~regfx.graph.ModelGraph`.
+"""Tiered tracing that never gives up, producing a :class:`~regfx.graph.ModelGraph`.
 
-Every module that is not a leaf layer is traced on its own, one level deep: the calls it makes to
-its submodules are recorded as ``call_module`` nodes and not followed. The per-module graphs are
-then stitched into one dataflow graph by inlining each traced submodule's graph at its call sites.
+The graph is stitched module call by module call, from the root down. Each call of a module that
+is not a leaf layer is described, best first, by:
 
-- Tier 1: every forward traces, so the stitched graph is the exact dataflow of the whole model.
-- Tier 2: a module whose forward does not trace (data-dependent control flow, ``len()`` of a
-  proxy, ...) becomes opaque: it is one node in its parent's graph, the reason is recorded in
-  :attr:`ModelGraph.opaque`, and its children are traced on their own, recursively. Every leaf
-  layer is in the graph either way.
-- Tier 3 (placement) lives in the transforms: inside an opaque module, placement falls back to
-  the output of the module.
+1. its symbolic torch.fx graph, traced one level deep (calls to submodules are ``call_module``
+   nodes, not followed) and *specialized on the call site*: the concrete non-tensor arguments the
+   caller passes there (``attn_mask=None``, ``pre_logits=True``) and the defaults of those it
+   omits are constants in the trace. Blocks with the same class, attributes and specialization
+   share one trace. These graphs are what :mod:`regfx.transforms.dropout` edits.
+2. the observed record of that very call (:mod:`regfx.observe`), when the model ran once on
+   example inputs (given, or synthesized by :mod:`regfx.inputs`): every op the forward ran, the
+   tensors it read and wrote and the parameters it used, and every submodule it called.
+3. nothing: the call is one *opaque* node, the reason is kept in :attr:`ModelGraph.opaque`, and
+   the module's children are traced on their own.
 
-Tracing is symbolic, so it works for models on the ``meta`` device without allocating weights.
+When the model ran, call sites are real calls: a module that never ran has no call (a leaf
+layer that never ran is kept as a node with ``called=False``), and a parent that calls
+``self.block.forward(x)`` makes no phantom call of ``block``.
+
+Tracing never changes the model: the example forward runs in eval mode under ``no_grad`` with the
+random number generators forked, and every module's ``__dict__`` (flags, caches, hook tables) is
+restored afterwards, so a forward that caches a tensor (or an fx Proxy) in an attribute leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,13 +38,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from regfx.graph import ModelGraph
+from regfx.errors import TraceError
+from regfx.graph import ModelGraph, assign_roles
+from regfx.inputs import ExampleInputs, as_example_inputs, synthesize_inputs
+from regfx.observe import OTHER, Frame, Observation, OpEvent, Tok, observe
 from regfx.select import _is_inserted_path, is_leaf_layer
 
-__all__ = ["trace", "trace_module", "trace_signature", "op_name"]
+__all__ = ["trace", "trace_module", "trace_signature", "op_name", "call_spec", "Spec"]
 
 _Value = Any  # frozenset[str] | tuple[_Value, ...] | dict[str, _Value]
 _EMPTY: frozenset[str] = frozenset()
+_PLAIN = (type(None), bool, int, float, str)
+
+Spec = tuple[tuple[str, Any], ...]
+"""A call-site specialization: ``(argument name, concrete value)`` pairs, in signature order."""
 
 
 class _OneLevelTracer(fx.Tracer):
@@ -74,14 +91,77 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
-def trace_module(module: nn.Module) -> fx.Graph:
+_ASSERTS = frozenset({"_assert_is_none", "_assert"})
+
+
+def _drop_specialization_asserts(graph: fx.Graph) -> None:
+    """Remove the value checks torch.fx adds for concrete arguments (callers check them)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in _ASSERTS:
+            cond = node.args[0] if node.args else None
+            graph.erase_node(node)
+            if isinstance(cond, fx.Node) and cond.op == "call_function" and not cond.users \
+                    and cond.target is operator.eq:
+                graph.erase_node(cond)
+
+
+def trace_module(module: nn.Module, spec: Spec = ()) -> fx.Graph:
     """Trace the forward of ``module`` one level deep (submodule calls are not followed).
+
+    Args:
+        module: the module.
+        spec: arguments to treat as constants (a call-site specialization, see :func:`call_spec`).
 
     Raises whatever torch.fx raises when the forward does not trace.
     """
     tracer = _OneLevelTracer(module)
     with _quiet():
-        return tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=dict(spec) if spec else None)
+    if spec:
+        _drop_specialization_asserts(graph)
+    return graph
+
+
+def _forward_signature(module: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(type(module).forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def call_spec(module: nn.Module, args: Sequence[Any] | None = None,
+              kwargs: dict[str, Any] | None = None) -> Spec:
+    """The specialization of one call of ``module``: which arguments are constants there.
+
+    An argument is a constant when the caller passes a plain value (None, bool, int, float, str)
+    or omits an argument whose default is one. ``args``/``kwargs`` hold what the caller passes,
+    with anything that is not a plain constant (a tensor, an fx node, an object) in place; None
+    for both means "not known": every argument with a plain default is taken at its default.
+    Forwards with ``*args`` are not specialized.
+    """
+    sig = _forward_signature(module)
+    if sig is None:
+        return ()
+    params = list(sig.parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return ()
+    bound: dict[str, Any] = {}
+    if args is not None or kwargs is not None:
+        try:
+            bound = dict(sig.bind(None, *(args or ()), **(kwargs or {})).arguments)
+        except TypeError:
+            return ()
+    spec = []
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        if p.name in bound:
+            value = bound[p.name]
+            if isinstance(value, _PLAIN) and value is not OTHER:
+                spec.append((p.name, value))
+        elif p.default is not inspect.Parameter.empty and isinstance(p.default, _PLAIN):
+            spec.append((p.name, p.default))
+    return tuple(spec)
 
 
 _PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
@@ -110,7 +190,7 @@ def trace_signature(module: nn.Module) -> tuple[Any, ...]:
     for each child its name, class and attributes (a forward may branch on
     ``self.conv.stride``), which parameters and buffers exist, and the training flag. Two
     blocks of a deep stack share a key; a block whose flag or child differs does not. Used to
-    trace each distinct block once.
+    trace each distinct block once (per call-site specialization).
     """
     return (
         type(module), _attrs_key(module),
@@ -153,11 +233,50 @@ def _flatten(value: _Value) -> frozenset[str]:
     return _EMPTY
 
 
-class _Builder:
-    """Stitches the one-level graphs of every module into one networkx DiGraph."""
+def _consts(value: Any) -> Any:
+    """What a caller passes, for :func:`call_spec`: fx nodes become ``OTHER``."""
+    if isinstance(value, fx.Node):
+        return OTHER
+    if isinstance(value, (tuple, list)):
+        return OTHER if any(isinstance(v, fx.Node) for v in value) else value
+    if isinstance(value, dict):
+        return OTHER
+    return value
 
-    def __init__(self, model: nn.Module) -> None:
+
+def _bind(env: dict[Tok, frozenset[str]], pattern: Any, value: _Value) -> None:
+    """Give the tokens of a recorded structure the graph values passed in its place."""
+    if isinstance(pattern, Tok):
+        env[pattern] = _flatten(value)
+    elif isinstance(pattern, (tuple, list)):
+        if isinstance(value, (tuple, list)) and len(value) == len(pattern):
+            for p, v in zip(pattern, value):
+                _bind(env, p, v)
+        else:
+            for p in pattern:
+                _bind(env, p, value)
+    elif isinstance(pattern, dict):
+        for k, p in pattern.items():
+            _bind(env, p, value.get(k, _EMPTY) if isinstance(value, dict) else value)
+
+
+def _load_recorded(env: dict[Tok, frozenset[str]], pattern: Any) -> _Value:
+    """The graph value of a recorded structure (tokens replaced by the nodes producing them)."""
+    if isinstance(pattern, Tok):
+        return env.get(pattern, _EMPTY)
+    if isinstance(pattern, (tuple, list)):
+        return tuple(_load_recorded(env, p) for p in pattern)
+    if isinstance(pattern, dict):
+        return {k: _load_recorded(env, p) for k, p in pattern.items()}
+    return _EMPTY
+
+
+class _Builder:
+    """Stitches per-call graphs (symbolic or observed) of every module into one DiGraph."""
+
+    def __init__(self, model: nn.Module, observation: Observation | None) -> None:
         self.model = model
+        self.obs = observation
         self.g = nx.DiGraph()
         self.names: dict[int, str] = {}
         self.modules: dict[str, nn.Module] = {}
@@ -166,40 +285,32 @@ class _Builder:
                 continue
             self.names.setdefault(id(mod), name)
             self.modules.setdefault(name, mod)
-        self.graphs: dict[str, fx.Graph] = {}
+        self.cache: dict[tuple[Any, ...], fx.Graph | str] = {}
+        self.traced: set[str] = set()
+        self.observed: dict[str, str] = {}
         self.opaque: dict[str, str] = {}
         self.call_count: dict[str, int] = {}
         self.covered: set[str] = set()
-        self._trace_all()
 
-    def _trace_all(self) -> None:
-        # Identical blocks (same class, children, flags) trace to the same graph: trace once.
-        # The graphs are only read here, so they can be shared.
-        done: dict[tuple[Any, ...], fx.Graph | str] = {}
-        for name, mod in self.modules.items():
-            if self.names[id(mod)] != name or is_leaf_layer(mod) or is_container(mod):
-                continue
-            key = trace_signature(mod)
-            result = done.get(key)
-            if result is None:
-                result = done[key] = self._trace_one(mod)
-            if isinstance(result, str):
-                self.opaque[name] = result
-            else:
-                self.graphs[name] = result
+    # -- per-module graphs ------------------------------------------------------------------
 
-    @staticmethod
-    def _trace_one(mod: nn.Module) -> fx.Graph | str:
-        """The one-level graph of ``mod``, or the reason it is opaque."""
-        try:
-            graph = trace_module(mod)
-        except Exception as exc:  # noqa: BLE001 - any failure makes the module opaque
-            return _first_line(exc)
-        hazard = _specialized_optional(graph)
-        if hazard is not None:
-            return (f"forward specializes on optional argument {hazard!r} (default None): the "
-                    "traced code assumes it is always passed")
-        return graph
+    def _symbolic(self, mod: nn.Module, spec: Spec) -> fx.Graph | str:
+        """The one-level graph of ``mod`` under ``spec``, or the reason it does not trace."""
+        key = (trace_signature(mod), spec)
+        found = self.cache.get(key)
+        if found is None:
+            try:
+                found = trace_module(mod, spec)
+            except Exception as exc:  # noqa: BLE001 - any failure means "does not trace"
+                found = _first_line(exc)
+            self.cache[key] = found
+        return found
+
+    def _frame(self, name: str, idx: int) -> Frame | None:
+        if self.obs is None:
+            return None
+        frames = self.obs.calls.get(name, ())
+        return frames[idx] if idx < len(frames) else None
 
     # -- node creation ----------------------------------------------------------------------
 
@@ -208,15 +319,15 @@ class _Builder:
         self.call_count[name] = idx + 1
         return idx
 
-    def _module_node(self, name: str, value_in: _Value, owner: str | None, region: str | None,
-                     opaque: bool, fx_name: str | None) -> str:
-        idx = self._next_call(name)
+    def _module_node(self, name: str, idx: int, value_in: _Value, owner: str | None,
+                     region: str | None, opaque: bool, fx_name: str | None, spec: Spec = (),
+                     **extra: Any) -> str:
         nid = f"{name}#{idx}"
         mod = self.modules[name]
         self.g.add_node(
             nid, module=name, module_type=type(mod).__name__, call_index=idx, opaque=opaque,
-            owner=owner, region=region, fx_name=fx_name, op=None,
-            traced=name in self.graphs,
+            owner=owner, region=region, fx_name=fx_name, op=None, owner_spec=spec,
+            traced=name in self.traced, called=extra.pop("called", True), **extra,
         )
         for src in _flatten(value_in):
             self.g.add_edge(src, nid)
@@ -224,44 +335,60 @@ class _Builder:
         return nid
 
     def _op_node(self, nid: str, op: str, value_in: _Value, owner: str, region: str | None,
-                 fx_name: str, **extra: Any) -> str:
+                 fx_name: str | None, spec: Spec = (), **extra: Any) -> str:
         self.g.add_node(nid, module=None, op=op, owner=owner, region=region, opaque=False,
-                        fx_name=fx_name, call_index=None, module_type=None, **extra)
+                        fx_name=fx_name, call_index=None, module_type=None, owner_spec=spec,
+                        **extra)
         for src in _flatten(value_in):
             self.g.add_edge(src, nid)
         return nid
 
-    # -- inlining ---------------------------------------------------------------------------
+    # -- one call ---------------------------------------------------------------------------
 
     def call(self, name: str, args: Sequence[_Value], kwargs: dict[str, _Value],
-             owner: str | None, region: str | None, fx_name: str | None,
-             opaque_context: bool) -> _Value:
-        """Record one call of module ``name`` with the given argument values; return its value."""
+             raw: tuple[Sequence[Any], dict[str, Any]] | None, owner: str | None,
+             region: str | None, fx_name: str | None, spec: Spec = (),
+             observed: bool = False) -> _Value:
+        """Record one call of module ``name`` with the given argument values; return its value.
+
+        ``raw`` is what the caller passes (constants as values) for the call-site
+        specialization; ``spec`` and ``fx_name`` locate the call in the caller's own graph.
+        """
         mod = self.modules.get(name)
         if mod is None:  # a module reached under a second name: use its first name
             return _flatten((tuple(args), kwargs))
-        canonical = self.names[id(mod)]
-        if canonical != name:
-            name = canonical
-        if name in self.graphs:
-            idx = self._next_call(name)
-            self.covered.add(name)
-            return self._inline(name, idx, args, kwargs, region)
+        name = self.names[id(mod)]
+        idx = self._next_call(name)
         value_in = (tuple(args), kwargs)
-        nid = self._module_node(name, value_in, owner, region,
-                                opaque=opaque_context or name in self.opaque, fx_name=fx_name)
-        return frozenset({nid})
+        if is_leaf_layer(mod) or is_container(mod):
+            return frozenset({self._module_node(name, idx, value_in, owner, region, opaque=False,
+                                                fx_name=fx_name, spec=spec, observed=observed)})
+        frame = self._frame(name, idx)
+        if frame is not None:
+            own_spec = call_spec(mod, frame.args, frame.kwargs)
+        else:
+            own_spec = call_spec(mod, *raw) if raw is not None else call_spec(mod)
+        graph = self._symbolic(mod, own_spec)
+        self.covered.add(name)
+        if isinstance(graph, fx.Graph):
+            self.traced.add(name)
+            return self._inline(name, idx, graph, own_spec, args, kwargs, region)
+        if frame is not None:
+            self.observed.setdefault(name, graph)
+            return self._inline_frame(name, idx, frame, args, kwargs, region)
+        self.opaque.setdefault(name, graph)
+        return frozenset({self._module_node(name, idx, value_in, owner, region, opaque=True,
+                                            fx_name=fx_name, spec=spec, observed=observed)})
 
-    def _inline(self, name: str, call_idx: int, args: Sequence[_Value],
-                kwargs: dict[str, _Value], region: str | None) -> _Value:
-        graph = self.graphs[name]
+    def _inline(self, name: str, call_idx: int, graph: fx.Graph, spec: Spec,
+                args: Sequence[_Value], kwargs: dict[str, _Value], region: str | None) -> _Value:
         prefix = f"{name}." if name else ""
         env: dict[fx.Node, _Value] = {}
         positional = list(args)
         remaining = dict(kwargs)
         tag = f"{name}#{call_idx}" if name else f"#{call_idx}"
 
-        def load(arg: Any) -> _Value:
+        def load(arg: Any) -> Any:
             if isinstance(arg, fx.Node):
                 return env.get(arg, _EMPTY)
             if isinstance(arg, (tuple, list)):
@@ -292,14 +419,15 @@ class _Builder:
                     env[node] = _EMPTY
             elif node.op == "output":
                 result = load(node.args[0])
-                if not name and call_idx == 0 and region == "":
+                if not name and region == "" and "output" not in self.g:
                     self._op_node("output", "output", result, owner="", region="",
                                   fx_name=node.name)
             elif node.op == "call_module":
                 child = prefix + str(node.target)
+                raw = ([_consts(a) for a in node.args], {k: _consts(v) for k, v in node.kwargs.items()})
                 env[node] = self.call(
-                    child, load(node.args), load(node.kwargs), owner=name, region=region,
-                    fx_name=node.name, opaque_context=False,
+                    child, load(node.args), load(node.kwargs), raw, owner=name, region=region,
+                    fx_name=node.name, spec=spec,
                 )
             elif node.op == "call_function" and node.target is operator.getitem:
                 container = load(node.args[0])
@@ -312,11 +440,11 @@ class _Builder:
                 else:
                     env[node] = frozenset({self._op_node(
                         f"{tag}:{node.name}", "getitem", load(node.args), owner=name,
-                        region=region, fx_name=node.name)})
+                        region=region, fx_name=node.name, spec=spec)})
             elif node.op == "get_attr":
                 env[node] = frozenset({self._op_node(
                     f"{tag}:{node.name}", "get_attr", _EMPTY, owner=name, region=region,
-                    fx_name=node.name, attr=prefix + str(node.target))})
+                    fx_name=node.name, spec=spec, attr=prefix + str(node.target))})
             else:  # call_function / call_method
                 value_in = (load(node.args), load(node.kwargs))
                 extra: dict[str, Any] = {}
@@ -328,42 +456,99 @@ class _Builder:
                     extra["p"] = _sdpa_dropout_p(node)
                 env[node] = frozenset({self._op_node(
                     f"{tag}:{node.name}", op, value_in, owner=name, region=region,
-                    fx_name=node.name, **extra)})
+                    fx_name=node.name, spec=spec, **extra)})
         return result
+
+    def _inline_frame(self, name: str, call_idx: int, frame: Frame, args: Sequence[_Value],
+                      kwargs: dict[str, _Value], region: str | None) -> _Value:
+        """Stitch the observed record of one call of ``name`` (its forward did not trace)."""
+        env: dict[Tok, frozenset[str]] = {}
+        _bind(env, tuple(frame.args), tuple(args))
+        for key, pattern in frame.kwargs.items():
+            if key in kwargs:
+                _bind(env, pattern, kwargs[key])
+        if not name and region == "" and self.obs is not None:
+            for i, pattern in enumerate(frame.args):
+                label = self.obs.input_names[i] if i < len(self.obs.input_names) else f"arg{i}"
+                _bind(env, pattern, frozenset({self._input_node(label)}))
+            for key, pattern in frame.kwargs.items():
+                _bind(env, pattern, frozenset({self._input_node(key)}))
+        tag = f"{name}#{call_idx}" if name else f"#{call_idx}"
+        for i, event in enumerate(frame.events):
+            if isinstance(event, OpEvent):
+                value_in = frozenset().union(*(env.get(t, _EMPTY) for t in event.inputs)) \
+                    if event.inputs else _EMPTY
+                extra: dict[str, Any] = {"observed": True}
+                if event.p is not None:
+                    extra["p"] = event.p
+                if event.params:
+                    extra["params"] = event.params
+                nid = self._op_node(f"{tag}:{i}:{event.name}", event.name, value_in, owner=name,
+                                    region=region, fx_name=None, **extra)
+                for t in event.outputs:
+                    env[t] = frozenset({nid})
+            else:
+                child_args = tuple(_load_recorded(env, a) for a in event.args)
+                child_kwargs = {k: _load_recorded(env, v) for k, v in event.kwargs.items()}
+                result = self.call(event.module, child_args, child_kwargs, None, owner=name,
+                                   region=region, fx_name=None, observed=True)
+                if event.params:
+                    for nid in _flatten(result):
+                        self.g.nodes[nid].setdefault("params", event.params)
+                _bind(env, event.output, result)
+        result_value = _load_recorded(env, frame.output)
+        if not name and region == "" and "output" not in self.g:
+            self._op_node("output", "output", result_value, owner="", region="", fx_name=None)
+        return result_value
 
     def _input_node(self, target: str) -> str:
         nid = f"input:{target.lstrip('*')}"
         if nid not in self.g:
             self.g.add_node(nid, module=None, op="input", owner="", region="", opaque=False,
-                            fx_name=target, call_index=None, module_type=None)
+                            fx_name=target, call_index=None, module_type=None, owner_spec=())
         return nid
 
     # -- whole model ------------------------------------------------------------------------
 
-    def build(self) -> None:
-        root = self.modules[""]
-        if "" in self.graphs:
-            self.covered.add("")
-            self._next_call("")
-            self._inline("", 0, [], {}, region="")
-        elif is_leaf_layer(root):
-            self._module_node("", _EMPTY, owner=None, region=None, opaque=False, fx_name=None)
-        else:
-            self._module_node("", _EMPTY, owner=None, region=None, opaque=True, fx_name=None)
-        # Modules no traced forward reaches: children of opaque modules, submodules of leaf
-        # layers (MultiheadAttention.out_proj) and modules that are never called.
+    def build(self, root_args: tuple[Any, ...] | None, root_kwargs: dict[str, Any] | None) -> None:
+        raw = None
+        if root_args is not None or root_kwargs is not None:
+            raw = ([_PLAIN_OR_OTHER(a) for a in root_args or ()],
+                   {k: _PLAIN_OR_OTHER(v) for k, v in (root_kwargs or {}).items()})
+        self.call("", [], {}, raw, owner=None, region="", fx_name=None)
+        # Modules no stitched call reached: children of opaque modules, submodules of leaf
+        # layers (MultiheadAttention.out_proj), modules that never run.
         for name, mod in self.modules.items():
             if name in self.covered or self.names[id(mod)] != name or is_container(mod):
                 continue
-            if name in self.graphs:
-                self._next_call(name)
-                self.covered.add(name)
-                self._inline(name, 0, [], {}, region=name)
-            else:
-                layer = self._enclosing_layer(name)
-                nid = self._module_node(name, _EMPTY, owner=None, region=None,
-                                        opaque=layer is None, fx_name=None)
+            if _is_inserted_path(name):
+                continue
+            layer = self._enclosing_layer(name)
+            if layer is not None:
+                nid = self._module_node(name, self._next_call(name), _EMPTY, owner=None,
+                                        region=None, opaque=False, fx_name=None)
                 self.g.nodes[nid]["within_layer"] = layer
+                continue
+            if self.obs is not None:
+                # The model ran: a module that did not run has no call. Leaf layers stay in
+                # the graph (every layer is listed), marked as not called.
+                if is_leaf_layer(mod):
+                    self._module_node(name, self._next_call(name), _EMPTY, owner=None, region=None,
+                                      opaque=False, fx_name=None, called=False)
+                continue
+            if not is_leaf_layer(mod) and self._descendants_covered(name):
+                continue  # reached through ``self.block.forward(x)`` of a traced parent
+            if is_leaf_layer(mod):
+                self._module_node(name, self._next_call(name), _EMPTY, owner=None, region=None,
+                                  opaque=True, fx_name=None, called=None)
+            else:
+                self.call(name, [], {}, None, owner=None, region=name, fx_name=None)
+
+    def _descendants_covered(self, name: str) -> bool:
+        prefix = name + "."
+        leaves = [n for n, m in self.modules.items() if n.startswith(prefix) and is_leaf_layer(m)
+                  and not _is_inserted_path(n)]
+        return bool(leaves) and all(n in self.covered for n in leaves)
 
     def _enclosing_layer(self, name: str) -> str | None:
         """The leaf layer that owns ``name`` (``attn`` for ``attn.out_proj``), if any."""
@@ -377,18 +562,8 @@ class _Builder:
         return "" if name and is_leaf_layer(root) else None
 
 
-def _specialized_optional(graph: fx.Graph) -> str | None:
-    """The first argument defaulting to None whose value the traced code uses, if any.
-
-    torch.fx turns every argument into a proxy, so ``if mask is None:`` takes the "passed" branch
-    at trace time; code regenerated from such a graph breaks when the caller omits the argument.
-    """
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        if node.args and node.args[0] is None and node.users:
-            return str(node.target)
-    return None
+def _PLAIN_OR_OTHER(value: Any) -> Any:  # noqa: N802 - reads as a constant map
+    return value if isinstance(value, _PLAIN) else OTHER
 
 
 def is_container(module: nn.Module) -> bool:
@@ -411,92 +586,167 @@ def _sdpa_dropout_p(node: fx.Node) -> float | None:
     return float(p) if isinstance(p, (int, float)) else None
 
 
-def _observe_outputs(model: nn.Module, example_inputs: Any) -> frozenset[str]:
-    """Run the model once (eval mode, no grad) and name the modules whose output is returned."""
-    # Tensors are kept alive until the end so that their ids cannot be reused.
-    outputs: dict[int, tuple[torch.Tensor, str]] = {}
-    handles = []
+# -- leaving the model as it was --------------------------------------------------------------
 
-    def hook_for(name: str):  # type: ignore[no-untyped-def]
-        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
-            for t in _tensors(out):
-                outputs[id(t)] = (t, name)
-        return hook
 
-    names = {}
-    for name, mod in model.named_modules():
-        if name and not _is_inserted_path(name) and is_leaf_layer(mod):
-            names[name] = mod
-            handles.append(mod.register_forward_hook(hook_for(name)))
-    modes = {m: m.training for m in model.modules()}
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
+    """Every module's ``__dict__`` and a shallow copy of each container in it."""
+    out = []
+    for mod in model.modules():
+        attrs = dict(mod.__dict__)
+        contents: dict[str, Any] = {}
+        for key, value in attrs.items():
+            if type(value) in (dict, list, set) or isinstance(value, dict):
+                try:
+                    contents[key] = value.copy()
+                except Exception:  # noqa: BLE001 - a container that cannot be copied is skipped
+                    pass
+        out.append((mod, attrs, contents))
+    return out
+
+
+def _restore(snapshot: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -> None:
+    """Put back every attribute a trace or the example forward wrote."""
+    for mod, attrs, contents in snapshot:
+        current = mod.__dict__
+        for key in [k for k in current if k not in attrs]:
+            del current[key]
+        for key, value in attrs.items():
+            if current.get(key, _MISSING) is not value:
+                current[key] = value
+        for key, saved in contents.items():
+            value = current[key]
+            if _changed(value, saved):
+                value.clear()
+                value.update(saved) if not isinstance(value, list) else value.extend(saved)
+
+
+_MISSING = object()
+
+
+def _changed(value: Any, saved: Any) -> bool:
+    if len(value) != len(saved):
+        return True
+    if isinstance(value, dict):
+        return any(k not in saved or saved[k] is not v for k, v in value.items())
+    if isinstance(value, list):
+        return any(a is not b for a, b in zip(value, saved))
+    return bool(value != saved)
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Run a block that may write into ``model`` (a trace, an example forward) and undo it.
+
+    Restores every module's attributes and the containers in them (caches, hook tables), every
+    training flag, and the CPU (and, for CUDA models, CUDA) random number generator state.
+    """
+    snap = _snapshot(model)
+    devices = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = list(range(torch.cuda.device_count()))
     try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                result = model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                result = model(*example_inputs)
-            else:
-                result = model(example_inputs)
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return frozenset(outputs[id(t)][1] for t in _tensors(result) if id(t) in outputs)
+        _restore(snap)
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif hasattr(value, "to_tuple"):  # transformers ModelOutput
-        yield from _tensors(value.to_tuple())
+def _has_uninitialized(model: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 
 
-def trace(model: nn.Module, example_inputs: Any = None) -> ModelGraph:
+def _input_names(model: nn.Module, inputs: ExampleInputs) -> tuple[str, ...]:
+    sig = _forward_signature(model)
+    names = [p.name for p in list(sig.parameters.values())[1:]] if sig is not None else []
+    out = [names[i] if i < len(names) and "*" not in names[i] else f"arg{i}"
+           for i in range(len(inputs.args))]
+    return tuple(out)
+
+
+def _output_layers(graph: nx.DiGraph) -> frozenset[str]:
+    if "output" not in graph:
+        return frozenset()
+    out = set()
+    for p in graph.predecessors("output"):
+        data = graph.nodes[p]
+        if data.get("module"):
+            out.add(data["module"])
+    return frozenset(out)
+
+
+def _resolve_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
+    if example_inputs is None:
+        return synthesize_inputs(model)
+    try:
+        return as_example_inputs(example_inputs)
+    except Exception as exc:  # noqa: BLE001 - re-raised as a one-line regfx error
+        raise TraceError(f"example_inputs: {_first_line(exc)}; pass a tensor, a tuple of "
+                         "positional arguments or a dict of keyword arguments") from None
+
+
+def trace(model: nn.Module, example_inputs: Any = None, *, observe_forward: bool = True) -> ModelGraph:
     """Trace ``model`` into a :class:`ModelGraph`, never giving up on untraceable code.
 
     Args:
-        model: any ``nn.Module``, on any device including ``meta``. It is not modified.
-        example_inputs: optional inputs (a tensor, a tuple of positional arguments or a dict of
-            keyword arguments). When given, the model is run once in eval mode under
-            ``torch.no_grad()`` to observe which layers produce its outputs, which refines
-            placement inside opaque modules. Omit it for meta-device models.
+        model: any ``nn.Module``, on any device including ``meta``. It is not modified: every
+            attribute, flag, cache and the random number generator state are as they were.
+        example_inputs: inputs for one forward (a tensor, a tuple of positional arguments, a
+            dict of keyword arguments, or :class:`~regfx.inputs.ExampleInputs`). None: inputs
+            are synthesized where the model says what it takes (a transformers config, a timm
+            ``pretrained_cfg``, a torchvision model, the first layer's shape). The model runs
+            once on them in eval mode under ``no_grad``; if none can be had, or the forward
+            fails on them, the graph is symbolic only (:attr:`ModelGraph.observe_error` says
+            why).
+        observe_forward: False to trace symbolically only (the model never runs).
 
     Returns:
-        The graph: exact dataflow where forwards trace, opaque nodes (with reasons in
-        :attr:`ModelGraph.opaque`) where they do not.
+        The graph: exact dataflow where forwards trace or were observed, opaque nodes (with
+        reasons in :attr:`ModelGraph.opaque`) where neither.
 
     Raises:
-        TypeError: when ``model`` is not an ``nn.Module``.
+        TraceError: when ``model`` is not an ``nn.Module`` or ``example_inputs`` has no usable
+            form.
 
     Example:
         >>> g = regfx.trace(model)
-        >>> g.opaque            # {} when the whole model traced
+        >>> g.opaque            # {} when every forward traced or was observed
         >>> g.calls("fc1")      # ['fc1#0']
+        >>> g.inputs            # 'arg0: float32[2, 3, 224, 224] (torchvision documented input ...)'
     """
     if not isinstance(model, nn.Module):
-        from regfx.errors import TraceError
-
         raise TraceError(
             f"trace() needs an nn.Module, got {type(model).__name__}; pass the model instance"
         )
-    builder = _Builder(model)
-    builder.build()
-    outputs: frozenset[str] = frozenset()
-    if example_inputs is not None:
-        outputs = _observe_outputs(model, example_inputs)
+    lazy = _has_uninitialized(model)
+    inputs = None if lazy or not observe_forward else _resolve_inputs(model, example_inputs)
+    observation: Observation | None = None
+    error: str | None = None
+    if inputs is None:
+        error = ("not run (observe_forward=False)" if not observe_forward
+                 else "lazy layers are not initialized" if lazy
+                 else "no example inputs given and none could be synthesized")
+    with preserved(model):
+        if inputs is not None:
+            try:
+                observation = observe(model, inputs.args, inputs.kwargs, is_leaf_layer,
+                                      _input_names(model, inputs))
+            except Exception as exc:  # noqa: BLE001 - the graph falls back to symbolic tracing
+                error = f"the forward failed on the example inputs: {_first_line(exc)}"
+        builder = _Builder(model, observation)
+        if observation is not None and inputs is not None:
+            builder.build(inputs.args, inputs.kwargs)
+        else:
+            builder.build(None, None)
+    assign_roles(builder.g, builder.modules)
     return ModelGraph(
         nx=builder.g,
         model_type=type(model).__name__,
         opaque=dict(builder.opaque),
-        traced=sorted(builder.graphs),
+        traced=sorted(builder.traced),
+        observed=dict(builder.observed),
         modules={n: type(m).__name__ for n, m in builder.modules.items()},
-        output_layers=outputs,
+        output_layers=_output_layers(builder.g) if observation is not None else frozenset(),
+        inputs=(inputs.describe() if inputs is not None and observation is not None else None),
+        observe_error=error if observation is None else None,
     )

@@ -15,13 +15,16 @@ hook that calls the attached module.
 
 from __future__ import annotations
 
+import inspect
 import linecache
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from regfx.errors import RegfxWarning
 from regfx.graph import ModelGraph, is_dropout_module
 from regfx.select import is_linear_like, select_layers
 from regfx.trace import trace_module, trace_signature
@@ -36,8 +39,9 @@ HEAD_NAMES = ("lm_head", "classifier", "head", "score", "qa_outputs", "logits", 
 class DropoutSite:
     """One planned dropout: after ``layer``'s call ``call_index``.
 
-    ``mode`` is ``graph`` (edit ``owner``'s forward after fx node ``fx_name``) or ``hook``
-    (forward hook on the layer, used inside opaque modules). ``anchor`` is the graph node whose
+    ``mode`` is ``graph`` (edit ``owner``'s forward, traced with the call-site specialization
+    ``spec``, after fx node ``fx_name``) or ``hook`` (a forward hook on the layer, at the module
+    boundary: used where the owner's forward did not trace). ``anchor`` is the graph node whose
     output is dropped (the layer, or the end of its norm/activation chain).
     """
 
@@ -49,6 +53,7 @@ class DropoutSite:
     anchor: str
     owner: str | None = None
     fx_name: str | None = None
+    spec: tuple[tuple[str, Any], ...] = ()
 
     @property
     def attr(self) -> str:
@@ -129,6 +134,15 @@ def plan_dropout(
             skipped.append((name, "not called in the traced graph"))
             continue
         first = graph.nx.nodes[calls[0]]
+        if all(graph.nx.nodes[c].get("called") is False for c in calls):
+            uses = graph.functional_uses(name)
+            if uses:
+                owner = graph.nx.nodes[uses[0]].get("owner") or "(root)"
+                skipped.append((name, f"not called as a module: {owner} uses its weight "
+                                      f"functionally ({graph.nx.nodes[uses[0]].get('op')})"))
+            else:
+                skipped.append((name, "did not run in the observed forward"))
+            continue
         if first.get("within_layer") is not None:
             skipped.append((name, f"inside layer {first['within_layer'] or '(root)'}, not called"
                                   " on its own"))
@@ -145,28 +159,49 @@ def plan_dropout(
             else:
                 sites.append(DropoutSite(name, 0, "hook", p, cls_name, calls[0]))
             continue
+        hook_calls = []
         for nid in calls:
             data = graph.nx.nodes[nid]
+            label = f"{name}#{data['call_index']}"
+            if data.get("called") is False:
+                skipped.append((label, "did not run in the observed forward"))
+                continue
             consumers = graph.consumers(nid)
             if graph.reaches_output(nid, model) or (not consumers and name in graph.output_layers):
-                skipped.append((f"{name}#{data['call_index']}", "output layer"))
+                skipped.append((label, "output layer"))
                 continue
             if graph.dropout_follows(nid, model):
-                skipped.append((f"{name}#{data['call_index']}", "dropout already follows"))
+                skipped.append((label, "dropout already follows"))
                 continue
             if any(graph.nx.nodes[c].get("op") == "getitem" for c in consumers):
-                skipped.append((f"{name}#{data['call_index']}", "output is a tuple"))
+                skipped.append((label, "output is a tuple"))
+                continue
+            if data.get("fx_name") is None or data.get("owner") is None:
+                hook_calls.append(nid)
                 continue
             anchor = nid
             if position == "block":
                 for member in graph.solo_chain(nid, model):
-                    owner = graph.nx.nodes[member].get("owner")
-                    if owner is None or not _is_under(name, owner):
+                    mdata = graph.nx.nodes[member]
+                    owner = mdata.get("owner")
+                    if owner is None or not _is_under(name, owner) or mdata.get("fx_name") is None \
+                            or mdata.get("owner_spec") != data.get("owner_spec"):
                         break
                     anchor = member
             adata = graph.nx.nodes[anchor]
             sites.append(DropoutSite(name, data["call_index"], "graph", p, cls_name, anchor,
-                                     owner=adata.get("owner"), fx_name=adata.get("fx_name")))
+                                     owner=adata.get("owner"), fx_name=adata.get("fx_name"),
+                                     spec=tuple(adata.get("owner_spec") or ())))
+        if hook_calls:
+            # The owner's forward did not trace: the layer's output is dropped by a hook at
+            # the module boundary, on every call (so every call must be a site).
+            if len(hook_calls) < len([c for c in calls if graph.nx.nodes[c].get("called") is not False]):
+                skipped.append((name, "called where dropout does not belong and where it does; "
+                                      "its owner's forward did not trace"))
+            elif hasattr(layer, "regfx_dropout"):
+                skipped.append((name, "dropout already follows"))
+            else:
+                sites.append(DropoutSite(name, 0, "hook", p, cls_name, hook_calls[0]))
     return sites, skipped
 
 
@@ -213,13 +248,14 @@ def _fast_module_lookups(src: str, graph: Any) -> str:
     return src
 
 
-def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str) -> Any:
+def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
+                    spec: tuple[tuple[str, Any], ...] = ()) -> Any:
     codes: dict[bool, tuple[str, dict[str, Any]]] = {}
     original = owner.training
     for mode in (original, not original):
         owner.training = mode
         try:
-            graph = trace_module(owner)
+            graph = trace_module(owner, spec)
         finally:
             owner.training = original
         nodes = {n.name: n for n in graph.nodes}
@@ -249,6 +285,48 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str) 
     return forward
 
 
+def _same_value(value: Any, expected: Any) -> bool:
+    return value is expected or (type(value) is type(expected) and value == expected)
+
+
+def _specialized_forward(base: type, table: dict[tuple[tuple[str, Any], ...], Any], label: str) -> Any:
+    """A forward that runs the edited code traced for the specialization the call matches.
+
+    Each entry of ``table`` was traced with some arguments as constants (the values a caller
+    passed, or the defaults it omitted). A call is bound to the original signature and
+    dispatched to the entry whose constants it matches; a call that matches none runs the
+    original forward, with a one-time warning that the dropout regfx inserted there does not
+    run for it.
+    """
+    base_forward = base.forward
+    sig = inspect.signature(base_forward)
+    params = list(sig.parameters.values())[1:]
+    names = [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    entries = list(table.items())
+    warned: list[bool] = []
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError:
+            return base_forward(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = bound.arguments
+        for spec, fn in entries:
+            if all(_same_value(values[n], v) for n, v in spec):
+                extra = values.get(var_kw, {}) if var_kw else {}
+                return fn(self, *(values[n] for n in names), **extra)
+        if not warned:
+            warned.append(True)
+            warnings.warn(f"{label} was called with arguments other than those it was traced "
+                          "with; dropout regfx inserted in this forward does not run for such calls",
+                          RegfxWarning, stacklevel=2)
+        return base_forward(self, *args, **kwargs)
+
+    return forward
+
+
 def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | None = None) -> None:
     current = type(owner)
     base = current.__dict__.get("_regfx_base", current)
@@ -269,7 +347,7 @@ def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | Non
 
 def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
     """Insert the planned dropout into ``model`` (mutates it)."""
-    by_owner: dict[str, list[DropoutSite]] = {}
+    by_owner: dict[str, dict[tuple[tuple[str, Any], ...], list[DropoutSite]]] = {}
     for site in sites:
         layer = model.get_submodule(site.layer)
         if site.attr not in layer._modules:
@@ -277,26 +355,42 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
         if site.mode == "hook":
             layer.register_forward_hook(dropout_output_hook)
         else:
-            by_owner.setdefault(site.owner or "", []).append(site)
+            by_owner.setdefault(site.owner or "", {}).setdefault(site.spec, []).append(site)
     forwards: dict[Any, Any] = {}
     classes: dict[Any, type] = {}
-    for owner_name, owner_sites in by_owner.items():
+    for owner_name, per_spec in by_owner.items():
         owner = model.get_submodule(owner_name) if owner_name else model
-        edits: list[tuple[str, str]] = []
-        for site in owner_sites:
-            rel = site.layer[len(owner_name) + 1:] if owner_name else site.layer
-            edit = (str(site.fx_name), f"{rel}.{site.attr}")
-            if edit not in edits:
-                edits.append(edit)
-        # Identical owners with identical edits (the blocks of a deep stack) share one
-        # regenerated forward and one generated class.
-        key = (trace_signature(owner), tuple(edits))
-        forward = forwards.get(key)
-        if forward is None:
-            label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
-            forward = _edited_forward(owner, edits, label)
-            if not owner.__dict__.pop("_regfx_own_forward", False):
-                forwards[key] = forward
+        base = type(owner).__dict__.get("_regfx_base", type(owner))
+        label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
+        table: dict[tuple[tuple[str, Any], ...], Any] = {}
+        own = False
+        for spec, owner_sites in per_spec.items():
+            edits: list[tuple[str, str]] = []
+            for site in owner_sites:
+                rel = site.layer[len(owner_name) + 1:] if owner_name else site.layer
+                edit = (str(site.fx_name), f"{rel}.{site.attr}")
+                if edit not in edits:
+                    edits.append(edit)
+            # Identical owners with identical edits (the blocks of a deep stack) share one
+            # regenerated forward and one generated class.
+            key = (trace_signature(owner), spec, tuple(edits))
+            forward = forwards.get(key)
+            if forward is None:
+                forward = _edited_forward(owner, edits, label, spec)
+                if owner.__dict__.pop("_regfx_own_forward", False):
+                    own = True
+                else:
+                    forwards[key] = forward
+            table[spec] = forward
+        if list(table) == [()]:
+            forward = table[()]
+        else:
+            tkey = (base, tuple(table.items()))
+            forward = None if own else forwards.get(tkey)
+            if forward is None:
+                forward = _specialized_forward(base, table, label)
+                if not own:
+                    forwards[tkey] = forward
         _swap_forward(owner, forward, classes)
 
 

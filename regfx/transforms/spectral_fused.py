@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..errors import RegfxWarning
 from .spectral import SpectralNorm, _iterate, _to_matrix
 
 __all__ = ["FusedSpectral", "eligible", "fused_step", "forget"]
@@ -181,7 +182,6 @@ class FusedSpectral:
         return graph
 
     def _graph_failed(self, error: Exception) -> None:
-        from ..apply import RegfxWarning
 
         self.use_graphs = False
         warnings.warn(f"regfx: spectral norm runs without CUDA graphs, capture failed: {error}",

@@ -151,10 +151,20 @@ def test_hf_tied_embeddings() -> None:
 
 def test_dropout_inside_opaque_modules_is_inferred() -> None:
     loaded = load_fixture("hf_bert")
-    report = regfx.audit(loaded.model)
+    graph = regfx.trace(loaded.model, observe_forward=False)
+    report = regfx.audit(loaded.model, graph=graph)
     dense = report.param("bert.encoder.layer.0.output.dense.weight")
     assert any(r["kind"] == "dropout" for r in dense.regularizers)
     assert any(f.code == "RFX001" for f in report.findings)
+
+
+def test_dropout_inside_observed_forwards_is_read_from_the_dataflow() -> None:
+    loaded = load_fixture("hf_bert")
+    report = regfx.audit(loaded.model)  # inputs synthesized from the BertConfig
+    dense = report.param("bert.encoder.layer.0.output.dense.weight")
+    assert dense.regularizers == [{"kind": "dropout", "p": 0.1,
+                                   "via": "bert.encoder.layer.0.output.dropout"}]
+    assert not any(f.code == "RFX001" for f in report.findings)
 
 
 def test_multihead_attention_dropout_argument() -> None:
