@@ -80,7 +80,7 @@ def show(model_spec: str, fmt: str, depth: int | None, output: str | None) -> No
     from regfx.trace import trace
 
     loaded = load_model(model_spec)
-    graph = trace(loaded.model)
+    graph = trace(loaded.model, loaded.inputs())
     text = render_show(loaded.model, graph, fmt, depth)
     _emit(text, output)
 
@@ -136,7 +136,7 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
         _check_writable(output)
     loaded = load_model(model_spec)
     _require_parameters(loaded.model, model_spec, "regularize")
-    the_plan = regfx.plan(loaded.model, recipe, example_inputs=loaded.example_inputs)
+    the_plan = regfx.plan(loaded.model, recipe, example_inputs=loaded.inputs())
     for message in the_plan.warnings:
         click.echo(f"regfx: warning: {message}", err=True)
     if not dry_run:
@@ -201,7 +201,7 @@ def audit(model_specs: tuple[str, ...], fmt: str, output: str | None, policy_fil
             _require_parameters(loaded.model, spec, "audit")
             optimizer = loaded.build_optimizer()
             report = regfx.audit(loaded.model, optimizer, policy=policy,
-                                 example_inputs=loaded.example_inputs)
+                                 example_inputs=loaded.inputs())
             report.source = spec
             base = read_baseline(baseline, report.model, spec) if baseline else None
         except RegfxError as exc:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from regfx.errors import LoadError
+from regfx.inputs import ExampleInputs, as_example_inputs
 
 __all__ = ["LoadedModel", "load_model", "DEFAULT_FACTORIES"]
 
@@ -46,6 +47,14 @@ class LoadedModel:
     source: Path | None
     example_inputs: Any = None
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+
+    def inputs(self) -> ExampleInputs | None:
+        """The file's ``example_inputs()`` as :class:`~regfx.inputs.ExampleInputs` naming the
+        file as their source, or None when the file defines none."""
+        if self.example_inputs is None:
+            return None
+        where = self.source if self.source is not None else self.spec
+        return as_example_inputs(self.example_inputs, f"example_inputs() of {where}")
 
     def build_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer | None:
         """Call the file's ``build_optimizer`` on ``model`` (default: the loaded model)."""

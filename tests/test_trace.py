@@ -23,16 +23,22 @@ def test_every_layer_appears_in_the_graph(fixture_name: str) -> None:
 
 def test_traceable_models_are_one_traced_region(fixture_name: str) -> None:
     loaded = load_fixture(fixture_name)
-    graph = regfx.trace(loaded.model)
+    graph = regfx.trace(loaded.model, loaded.inputs())
+    symbolic = regfx.trace(loaded.model, observe_forward=False)
+    assert graph.opaque == {} and graph.fully_traced
+    assert "output" in graph.nx
+    assert any(d["op"] == "input" for _, d in graph.op_nodes())
+    assert graph.inputs is not None and graph.observe_error is None
     if MODEL_FIXTURES[fixture_name]:
-        assert graph.opaque == {}
-        assert graph.fully_traced
-        assert "output" in graph.nx
-        assert any(d["op"] == "input" for _, d in graph.op_nodes())
+        assert graph.observed == {}
+        assert symbolic.opaque == {} and symbolic.fully_traced
     else:
-        assert graph.opaque, "expected opaque modules"
-        assert not graph.fully_traced
-        for name, reason in graph.opaque.items():
+        # what does not trace symbolically is observed in the example forward ...
+        assert graph.observed
+        # ... and is opaque when the model does not run
+        assert set(symbolic.opaque) == set(graph.observed)
+        assert symbolic.observe_error == "not run (observe_forward=False)"
+        for name, reason in symbolic.opaque.items():
             assert reason and "\n" not in reason, (name, reason)
             assert len(reason) < 200
 
@@ -92,7 +98,7 @@ def test_untraceable_children_become_opaque_parent_stays_traced() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(self.gate(torch.relu(self.a(x))))
 
-    graph = regfx.trace(Net())
+    graph = regfx.trace(Net(), observe_forward=False)
     assert list(graph.opaque) == ["gate"]
     gate = graph.calls("gate")[0]
     # the opaque call keeps exact dataflow at its boundary
@@ -104,7 +110,7 @@ def test_untraceable_children_become_opaque_parent_stays_traced() -> None:
 
 
 def test_root_untraceable_children_traced_on_their_own() -> None:
-    graph = regfx.trace(load_fixture("control_flow").model)
+    graph = regfx.trace(load_fixture("control_flow").model, observe_forward=False)
     assert "" in graph.opaque and "control flow" in graph.opaque[""]
     assert "stem" not in graph.opaque
     stem0, stem1 = graph.calls("stem.0")[0], graph.calls("stem.1")[0]

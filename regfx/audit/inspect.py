@@ -412,10 +412,14 @@ def find_dropout(model: nn.Module, graph: ModelGraph) -> list[DropoutUse]:
             if p > 0:
                 uses.append(DropoutUse(None, name, "dropout", f"{module_class_name(mod)}.dropout", p,
                                        None, [(name, False)], "built-in"))
-    # Functional dropout inside forwards that did not trace cannot be seen; attention modules
-    # (transformers' and others) keep its probability in a float attribute such as
+    # Functional dropout inside forwards that did not trace cannot be seen, and the observed
+    # forward runs in eval mode, where attention code passes ``dropout_p=0.0``; attention modules
+    # (transformers' and others) keep the training probability in a float attribute such as
     # ``attention_dropout``. Attributed to the projections computing the attention weights.
-    for name in graph.opaque:
+    seen_attention = {u.owner for u in uses if u.variant == "scaled_dot_product_attention"}
+    for name in (*graph.opaque, *graph.observed):
+        if name in seen_attention:
+            continue
         mod = modules.get(name)
         if mod is None or isinstance(mod, nn.MultiheadAttention) or "attention" not in \
                 type(mod).__name__.lower():

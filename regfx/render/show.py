@@ -54,6 +54,11 @@ def inventory(model: nn.Module, graph: ModelGraph) -> dict[str, Any]:
         "graph": graph.summary(),
         "parameters": total,
         "by_type": dict(sorted(by_type.items())),
+        "inputs": graph.inputs,
+        "not_run": graph.observe_error,
+        "tiers": {"symbolic": len(graph.traced), "observed": len(graph.observed),
+                  "opaque": len(graph.opaque)},
+        "observed": [{"module": n or "(root)", "reason": r} for n, r in graph.observed.items()],
         "opaque": [{"module": n or "(root)", "reason": r} for n, r in graph.opaque.items()],
         "layers": layers,
     }
@@ -156,11 +161,19 @@ def _fmt_int(n: int) -> str:
 
 def _text(inv: dict[str, Any]) -> str:
     g = inv["graph"]
-    state = "fully traced" if inv["fully_traced"] else f"{g['opaque_modules']} opaque module(s)"
+    if not inv["fully_traced"]:
+        state = f"{g['opaque_modules']} opaque module(s)"
+    else:
+        state = "fully traced" if not inv["observed"] else "no opaque region"
+    tiers = inv["tiers"]
+    ran = f"Inputs: {inv['inputs']}" if inv["inputs"] else f"Not run: {inv['not_run']}"
     lines = [
         f"Model {inv['model']}: {_fmt_int(inv['parameters'])} parameters, {state}",
+        ran,
+        f"Forwards: {tiers['symbolic']} traced symbolically (per call site), {tiers['observed']} "
+        f"observed in the example forward, {tiers['opaque']} opaque",
         f"Graph: {g['nodes']} nodes ({g['module_calls']} module calls, {g['ops']} ops), "
-        f"{g['edges']} edges, {g['traced_modules']} traced forwards",
+        f"{g['edges']} edges",
         "",
         "Layers by type",
     ]
@@ -170,8 +183,15 @@ def _text(inv: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}")
+    if inv["observed"]:
+        lines += ["", "Observed modules (forward did not trace; dataflow recorded from the example "
+                      "forward, dropout placed by hooks at layer boundaries)"]
+        width = max(len(o["module"]) for o in inv["observed"])
+        for o in inv["observed"]:
+            lines.append(f"  {o['module']:<{width}}  {o['reason']}")
     if inv["opaque"]:
-        lines += ["", "Opaque modules (forward did not trace; placement falls back to their outputs)"]
+        lines += ["", "Opaque modules (forward neither traced nor ran; placement falls back to their "
+                      "outputs)"]
         width = max(len(o["module"]) for o in inv["opaque"])
         for o in inv["opaque"]:
             lines.append(f"  {o['module']:<{width}}  {o['reason']}")

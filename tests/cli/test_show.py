@@ -12,8 +12,10 @@ def test_show_text_every_fixture(name: str) -> None:
     code, out, _ = run("show", str(fixture_path(name)))
     assert code == 0
     assert "Layers by type" in out
-    if not MODEL_FIXTURES[name]:
-        assert "Opaque modules" in out
+    assert "Inputs: " in out and "example_inputs() of" in out
+    if not MODEL_FIXTURES[name]:  # the example forward fills in what did not trace
+        assert "Observed modules" in out and "Opaque modules" not in out
+        assert "no opaque region" in out
 
 
 @pytest.mark.parametrize("fmt", ["json", "mermaid", "dot"])
@@ -31,9 +33,22 @@ def test_show_formats(fmt: str) -> None:
         assert out.startswith("digraph model {") and '"layer1" -> "layer2";' in out
 
 
-def test_show_opaque_marked_in_mermaid() -> None:
-    code, out, _ = run("show", str(fixture_path("control_flow")), "--format", "mermaid")
+def test_show_opaque_marked_in_mermaid(tmp_path: Path) -> None:
+    model = tmp_path / "gated.py"
+    model.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Gate(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(4, 4)\n"
+        "    def forward(self, x, scale):\n        return self.fc(x) if x.sum() > 0 else x * scale\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.gate = Gate()\n"
+        "    def forward(self, x, scale):\n        return self.gate(x, scale)\n"
+        "def build_model():\n    return Net()\n")
+    code, out, _ = run("show", str(model), "--format", "mermaid")
     assert code == 0 and "classDef opaque" in out
+    code, out, _ = run("show", str(model))
+    assert "Not run: the forward failed on the example inputs: TypeError" in out
+    assert "Opaque modules" in out
 
 
 def test_show_writes_file_atomically(tmp_path: Path) -> None:
