@@ -2,6 +2,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import regfx
@@ -176,3 +177,231 @@ def test_blocks_branching_on_a_child_attribute_are_traced_apart() -> None:
         got = out[i].eval()(x)
         assert torch.equal(got, expected), i
     assert type(out[0]) is type(out[2]) and type(out[0]) is not type(out[1])
+
+
+# -- tracing changes nothing ----------------------------------------------------------------
+
+
+def test_trace_leaves_every_module_dict_as_it_was(fixture_name: str) -> None:
+    from .snapshot import module_state, rng_state
+
+    loaded = load_fixture(fixture_name)
+    before, rng = module_state(loaded.model), rng_state()
+    regfx.trace(loaded.model, loaded.inputs())
+    regfx.trace(loaded.model)  # synthesized inputs
+    regfx.trace(loaded.model, observe_forward=False)
+    assert module_state(loaded.model) == before
+    assert torch.equal(rng_state(), rng)
+
+
+class _CachingBias(nn.Module):
+    """Caches a tensor in a dict attribute in eval mode (as relative-position biases do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(4))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.bias * 1
+            return x + self.cache["bias"]
+        return x + self.bias
+
+
+def test_a_forward_caching_a_tensor_keeps_no_proxy_and_traces_again() -> None:
+    from .snapshot import module_state
+
+    model = nn.Sequential(nn.Linear(4, 4), _CachingBias(), nn.ReLU(), nn.Linear(4, 2)).eval()
+    before = module_state(model)
+    for observe in (False, True):
+        regfx.trace(model, observe_forward=observe)
+        assert model[1].cache == {}
+    assert module_state(model) == before
+    out = regfx.transform(model, dropout=0.2)
+    assert model[1].cache == {}
+    again = regfx.transform(out, dropout=0.2)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(again.eval()(x), model(x))
+
+
+# -- call-site specialization ---------------------------------------------------------------
+
+
+class _MaskedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:
+            x = x.masked_fill(attn_mask, 0.0)
+        return x + self.act(self.fc(x))
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.relu(self.pre(x.mean(1)))
+        return x if pre_logits else self.fc(x)
+
+
+class _TimmLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_MaskedBlock() for _ in range(3))
+        self.head = _Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x)
+
+
+def test_optional_arguments_are_specialized_per_call_site() -> None:
+    model = _TimmLike()
+    torch.fx.symbolic_trace(model)  # torch.fx traces it at the root ...
+    for observe in (False, True):
+        graph = regfx.trace(model, observe_forward=observe)
+        assert graph.opaque == {} and graph.observed == {}  # ... and so does regfx, per module
+        assert len(graph.calls("blocks.1.fc")) == 1
+        fc = graph.calls("blocks.1.fc")[0]
+        assert graph.nx.nodes[fc]["owner_spec"] == (("attn_mask", None),)
+    head = [n for n, d in graph.nx.nodes(data=True) if d.get("owner") == "head"]
+    assert all(graph.nx.nodes[n]["owner_spec"] == (("pre_logits", False),) for n in head)
+
+
+def test_specialized_forwards_are_edited_and_fall_back_for_other_arguments() -> None:
+    torch.manual_seed(0)
+    model = _TimmLike().eval()
+    out = regfx.transform(model, dropout=0.5)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(out.eval()(x), model(x))
+    # every inserted dropout runs in a training forward
+    runs: list[str] = []
+    for name, mod in out.named_modules():
+        if name.endswith("regfx_dropout"):
+            mod.register_forward_hook(lambda m, i, o, name=name: runs.append(name))
+    out.train()(x)
+    assert sorted(runs) == ["blocks.0.fc.regfx_dropout", "blocks.1.fc.regfx_dropout",
+                            "blocks.2.fc.regfx_dropout", "head.pre.regfx_dropout"]
+    # a call with other constants than the traced ones runs the original forward, with a warning
+    runs.clear()
+    with pytest.warns(regfx.RegfxWarning, match="called with arguments other than"):
+        feats = out.head(x, pre_logits=True)
+    assert runs == [] and feats.shape == (2, 8)
+    mask = torch.zeros(2, 5, 8, dtype=torch.bool)
+    with pytest.warns(regfx.RegfxWarning):
+        out.blocks[0].eval()(x, attn_mask=mask)
+
+
+# -- call sites are real calls --------------------------------------------------------------
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class _CallsForwardDirectly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Inner()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block.forward(x))
+
+
+def test_a_parent_calling_forward_directly_gives_one_call_site() -> None:
+    model = _CallsForwardDirectly()
+    for observe in (False, True):
+        graph = regfx.trace(model, observe_forward=observe)
+        assert graph.calls("block.fc") == ["block.fc#0"]
+        assert graph.calls("block") == []
+        assert graph.producers("block.fc#0") == ["input:x"]
+    out = regfx.transform(model, dropout=0.3)
+    runs: list[int] = []
+    out.block.fc.regfx_dropout.register_forward_hook(lambda *a: runs.append(1))
+    out.train()(torch.randn(2, 4))
+    assert runs == [1]
+
+
+class _FunctionalQKV(nn.Module):
+    """An attention-like block using its projection's weight functionally, with an extra bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat([self.q_bias, torch.zeros(16)])
+        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.proj(attn @ v)
+
+
+def test_functional_use_of_a_weight_is_in_the_graph_and_not_a_call() -> None:
+    model = nn.Sequential(_FunctionalQKV(), nn.Linear(8, 2))
+    x = torch.randn(2, 5, 8)
+    graph = regfx.trace(model, (x,))
+    uses = graph.functional_uses("0.qkv")
+    assert [graph.nx.nodes[n]["op"] for n in uses] == ["linear"]
+    assert graph.role(uses[0]) == "linear"
+    assert [graph.nx.nodes[c]["called"] for c in graph.calls("0.qkv")] == [False]
+    assert any(d.get("role") == "attention" for _, d in graph.nx.nodes(data=True))
+    symbolic = regfx.trace(model, observe_forward=False)
+    assert [symbolic.nx.nodes[n]["op"] for n in symbolic.functional_uses("0.qkv")] == ["linear"]
+    plan = regfx.plan(model, dropout=0.1, example_inputs=(x,))
+    assert ("0.qkv", "dropout", "not called as a module: 0 uses its weight functionally (linear)") \
+        in plan.skipped
+    assert [s.layer for s in plan.dropout] == ["0.proj"]
+
+
+# -- roles ----------------------------------------------------------------------------------
+
+
+def test_roles_are_computed_at_trace_time() -> None:
+    graph = regfx.trace(load_fixture("resnet").model)
+    roles = {graph.role(c) for c in graph.calls("layer1.0.conv1")}
+    assert roles == {"conv"}
+    assert graph.role(graph.calls("layer1.0.bn1")[0]) == "norm"
+    assert graph.role(graph.calls("layer1.0.relu")[0]) == "activation"
+    assert graph.role("output") == "output"
+    assert len(graph.residual_adds()) == 3  # one per BasicBlock
+    assert graph.solo_chain(graph.calls("layer1.0.conv1")[0]) == ["layer1.0.bn1#0", "layer1.0.relu#0"]
+    assert graph.reaches_output(graph.calls("fc")[0])
+    assert not graph.reaches_output(graph.calls("layer1.0.conv1")[0])
+
+
+def test_observed_attention_internals_are_in_the_graph() -> None:
+    loaded = load_fixture("hf_bert")
+    graph = regfx.trace(loaded.model)
+    attn = "bert.encoder.layer.0.attention.self"
+    for proj in ("query", "key", "value"):
+        (call,) = graph.calls(f"{attn}.{proj}")
+        assert graph.producers(call), proj
+        assert graph.nx.nodes[call]["owner"] == attn
+    assert any(d.get("role") == "attention" and d.get("owner") == attn
+               for _, d in graph.nx.nodes(data=True))
+
+
+def test_meta_device_model_is_observed_where_its_forward_runs() -> None:
+    with torch.device("meta"):
+        model = load_fixture("resnet").model.__class__()
+    graph = regfx.trace(model)
+    assert graph.inputs is not None and "first layer" in graph.inputs
+    assert graph.fully_traced
+    assert all(p.is_meta for p in model.parameters())
