@@ -356,7 +356,16 @@ def _from_timm(model: nn.Module, make: _Factory) -> ExampleInputs | None:
         if (isinstance(size, (tuple, list)) and len(size) == 3
                 and all(isinstance(s, int) and s > 0 for s in size)):
             shape = tuple(size)
-            return ExampleInputs((make.floats((_BATCH, *shape)),), {}, f"timm {attr} input_size {shape}")
+            source = f"timm {attr} input_size {shape}"
+            # A model built with another img_size keeps the pretrained config's size; its patch
+            # embedding knows the size its forward accepts.
+            fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+            strict = getattr(getattr(model, "patch_embed", None), "strict_img_size", True)
+            if (strict and isinstance(fixed, (tuple, list)) and len(fixed) == 2
+                    and all(isinstance(s, int) and s > 0 for s in fixed) and tuple(fixed) != shape[1:]):
+                shape = (shape[0], *fixed)
+                source = f"timm patch_embed.img_size {tuple(fixed)}"
+            return ExampleInputs((make.floats((_BATCH, *shape)),), {}, source)
     return None
 
 
