@@ -17,15 +17,21 @@ Every node has a ``role``, computed once at trace time (:func:`assign_roles`): a
 ``dropout`` (with ``p``), ``residual_add``, ``attention`` (also the attention op and the softmax
 of a q·kᵀ product), ``input``, ``output``, ``reshape`` and ``elementwise`` (transparent ops),
 ``combine`` (add/sum/mean/cat that is not a residual), ``matmul``, ``param`` (a parameter read),
-``metadata`` (shape reads) or ``other``. The walk API (:meth:`ModelGraph.follow`,
-:meth:`ModelGraph.reaches`) is parametrized by roles.
+``metadata`` (shape reads), ``opaque`` (a call that neither traced nor ran) or ``other``
+(:data:`ROLES`).
+
+One walk API, parametrized by roles, answers every question about the dataflow around a node;
+placement, the audit's rules and attribution and the renderers all use it:
+:meth:`ModelGraph.follow` (the solo consumers of a node through these roles) and
+:meth:`ModelGraph.walk` (the nodes of these roles reached, forward or backward, through only
+those roles; :meth:`ModelGraph.reaches` is its forward, first-found form).
 
 Edges are dataflow: ``u -> v`` when a value produced by ``u`` is an argument of ``v``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +41,7 @@ from torch import nn
 from regfx.select import LayerSelector, layer_word, parse_types
 
 __all__ = ["ModelGraph", "ACTIVATION_OPS", "NORM_OPS", "RESHAPE_OPS", "DROPOUT_OPS", "assign_roles",
-           "OUTPUT_TRANSPARENT", "CHAIN_ROLES", "LAYER_ROLES"]
+           "OUTPUT_TRANSPARENT", "CHAIN_ROLES", "LAYER_ROLES", "ROLES"]
 
 ACTIVATION_OPS = frozenset(
     {
@@ -56,13 +62,15 @@ RESHAPE_OPS = frozenset(
         "unbind", "tensor_split", "select", "index_select", "squeeze_", "unsqueeze_", "T", "mT",
         "repeat", "tile", "repeat_interleave", "expand_as", "adaptive_avg_pool2d", "avg_pool2d",
         "max_pool2d", "adaptive_avg_pool1d", "adaptive_max_pool2d", "avg_pool1d", "max_pool1d",
+        "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+        "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d", "max_pool2d_with_indices",
         "type", "double", "cpu", "cuda",
     }
 )
 ELEMENTWISE_OPS = frozenset(
     {
-        "mul", "mul_", "div", "div_", "truediv", "sub", "sub_", "neg", "clamp", "clamp_", "clip",
-        "exp", "log", "pow", "abs", "sqrt", "rsqrt", "where", "masked_fill", "masked_fill_",
+        "mul", "mul_", "imul", "div", "div_", "truediv", "sub", "sub_", "neg", "clamp", "clamp_",
+        "clip", "exp", "log", "pow", "abs", "sqrt", "rsqrt", "where", "masked_fill", "masked_fill_",
         "scale", "floordiv", "tanh", "sign", "square", "reciprocal", "nan_to_num", "log1p",
         "expm1", "erf", "sin", "cos", "fill_", "zero_", "copy_", "setitem", "addcmul", "lerp",
     }
@@ -77,6 +85,10 @@ _FUNCTIONAL_LAYERS = {"linear": "linear", "conv1d": "conv", "conv2d": "conv", "c
                       "conv_transpose3d": "conv", "embedding": "embedding", "addmm": "linear"}
 LAYER_ROLES = frozenset({"linear", "conv", "embedding", "attention", "rnn"})
 """Roles of nodes that compute with weights of their own (a walk through them stops)."""
+ROLES = frozenset({"linear", "conv", "embedding", "attention", "rnn", "norm", "activation",
+                   "dropout", "residual_add", "input", "output", "reshape", "elementwise",
+                   "combine", "matmul", "param", "metadata", "opaque", "other"})
+"""Every role a node can have (a walk with ``target=ROLES`` lets ``accept`` alone decide)."""
 CHAIN_ROLES = frozenset({"norm", "activation"})
 """The roles of a layer's block chain (``conv -> bn -> relu``)."""
 OUTPUT_TRANSPARENT = frozenset({"reshape", "elementwise", "activation", "norm", "dropout",
@@ -215,6 +227,8 @@ class ModelGraph:
         return [p for p in self.nx.predecessors(node)
                 if self.nx.nodes[p].get("role") not in ("param", "metadata")]
 
+    # -- the walk API: every graph walk of regfx goes through these ------------------------
+
     def follow(self, node: str, through: Iterable[str]) -> list[str]:
         """The solo consumers of ``node`` whose roles are in ``through``, in order.
 
@@ -234,30 +248,61 @@ class ModelGraph:
             chain.append(nxt[0])
             current = nxt[0]
 
+    def walk(self, node: str, through: Iterable[str], target: Iterable[str] = ("output",), *,
+             direction: str = "forward", accept: Callable[[str], bool] | None = None,
+             enter: Callable[[str], bool] | None = None, collect_all: bool = False,
+             mark: Callable[[str], bool] | None = None) -> dict[str, bool]:
+        """The nodes with a role in ``target`` reached from ``node`` through ``through`` roles.
+
+        A depth-first walk from ``node`` (itself not tested) over the dataflow edges:
+        consumers for ``direction="forward"``, producers for ``"backward"``. Each node reached
+        is a *target* when its role is in ``target`` and ``accept`` (an optional predicate on
+        node ids) takes it: the walk records it and goes no further there. Otherwise the walk
+        goes on through it when its role is in ``through`` and ``enter`` (an optional
+        predicate, for a caller that passes only some nodes of a role) takes it, and stops
+        there when not. Metadata reads (``x.size()``) and parameter reads are roles like any
+        other (``metadata``, ``param``), so a walk enters them only when asked to.
+
+        Returns the targets found, in the order found, each mapped to whether some path to it
+        went through a node for which ``mark`` holds (always False without ``mark``): only
+        the first target unless ``collect_all``.
+
+        Example: the layers whose output a dropout drops are
+        ``walk(drop, {"activation", "norm", "reshape", ...}, ROLES, direction="backward",
+        accept=is_layer, collect_all=True)``.
+        """
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+        step = self.nx.successors if direction == "forward" else self.nx.predecessors
+        roles, targets = frozenset(through), frozenset(target)
+        found: dict[str, bool] = {}
+        stack = [(n, False) for n in step(node)]
+        seen: set[tuple[str, bool]] = set()
+        while stack:
+            state = stack.pop()
+            if state in seen:
+                continue
+            seen.add(state)
+            cur, marked = state
+            role = self.role(cur)
+            if role in targets and (accept is None or accept(cur)):
+                found[cur] = found.get(cur, False) or marked
+                if not collect_all:
+                    return found
+            elif role in roles and (enter is None or enter(cur)):
+                now = marked or (mark is not None and mark(cur))
+                stack.extend((n, now) for n in step(cur))
+        return found
+
     def reaches(self, node: str, through: Iterable[str], target: Iterable[str] = ("output",),
-                accept: Any = None) -> str | None:
+                accept: Callable[[str], bool] | None = None) -> str | None:
         """The first node with a role in ``target`` reached from ``node`` through ``through``.
 
-        A depth-first walk over consumers that enters only nodes whose role is in ``through``
-        (or in ``target``, where it stops). ``accept`` (a predicate on node ids) can refuse a
-        target node. Returns the node found, or None.
+        A depth-first walk over consumers (:meth:`walk` forward) that enters only nodes whose
+        role is in ``through`` (or in ``target``, where it stops). ``accept`` (a predicate on
+        node ids) can refuse a target node. Returns the node found, or None.
         """
-        roles = frozenset(through)
-        targets = frozenset(target)
-        seen = {node}
-        stack = [node]
-        while stack:
-            cur = stack.pop()
-            for succ in self.consumers(cur):
-                if succ in seen:
-                    continue
-                seen.add(succ)
-                role = self.role(succ)
-                if role in targets and (accept is None or accept(succ)):
-                    return succ
-                if role in roles:
-                    stack.append(succ)
-        return None
+        return next(iter(self.walk(node, through, target, accept=accept)), None)
 
     def solo_chain(self, node: str, model: nn.Module | None = None) -> list[str]:
         """The norm/activation nodes that solely consume ``node``'s output, in order.
@@ -325,9 +370,10 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
 
 _ROLE_OF_WORD = {"linear": "linear", "conv": "conv", "embedding": "embedding",
                  "attention": "attention", "rnn": "rnn", "norm": "norm"}
-_RESHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Upsample, nn.AdaptiveAvgPool1d,
-                    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool2d, nn.PixelShuffle)
+_RESHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle,
+                    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                    nn.modules.pooling._LPPoolNd)
 
 
 def module_role(module: nn.Module) -> tuple[str, dict[str, Any]]:
@@ -390,8 +436,8 @@ def assign_roles(g: nx.DiGraph, modules: dict[str, nn.Module]) -> None:
     for _nid, data in g.nodes(data=True):
         name = data.get("module")
         if name is not None:
-            mod = modules.get(name)
-            role, extra = module_role(mod) if mod is not None else ("other", {})
+            called = modules.get(name)
+            role, extra = module_role(called) if called is not None else ("other", {})
             if data.get("opaque") and role == "other":
                 role = "opaque"
             data["role"] = role

@@ -25,6 +25,7 @@ from regfx.errors import SelectionError
 __all__ = [
     "WORDS",
     "LayerSelector",
+    "is_inserted_path",
     "is_leaf_layer",
     "is_linear_like",
     "is_norm",
@@ -140,9 +141,21 @@ def is_leaf_layer(module: nn.Module) -> bool:
 def user_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Children of ``module`` that belong to the user's model (not regfx's or torch's additions)."""
     for name, child in module.named_children():
-        if name == "parametrizations" or name.startswith("regfx_"):
-            continue
-        yield name, child
+        if not is_inserted_path(name):
+            yield name, child
+
+
+def is_inserted_path(name: str, *, by_regfx: bool = True) -> bool:
+    """True when the module path ``name`` is, or lies under, a module regfx or torch added.
+
+    ``name`` is a qualified module name (``fc.regfx_dropout``) or one child's name. The
+    additions are torch's ``parametrizations`` containers (``conv.parametrizations.weight.0``)
+    and regfx's ``regfx_*`` children (the dropout it inserts). With ``by_regfx=False`` only
+    torch's count: the tracer keeps regfx's inserted dropout, which is part of the dataflow.
+    This is the one test of "not the user's own module path" everywhere in regfx.
+    """
+    return any(part == "parametrizations" or (by_regfx and part.startswith("regfx_"))
+               for part in name.split("."))
 
 
 def _import_class(path: str) -> type:
@@ -284,12 +297,8 @@ def select_layers(
     selector = parse_types(types)
     out = []
     for name, module in model.named_modules():
-        if _is_inserted_path(name):
+        if is_inserted_path(name):
             continue
         if matches(name, module, selector, include, exclude):
             out.append((name, module))
     return out
-
-
-def _is_inserted_path(name: str) -> bool:
-    return any(part == "parametrizations" or part.startswith("regfx_") for part in name.split("."))

@@ -42,7 +42,7 @@ from regfx.errors import TraceError
 from regfx.graph import ModelGraph, assign_roles
 from regfx.inputs import ExampleInputs, as_example_inputs, synthesize_inputs
 from regfx.observe import OTHER, Frame, Observation, OpEvent, Tok, observe
-from regfx.select import _is_inserted_path, is_leaf_layer
+from regfx.select import is_inserted_path, is_leaf_layer
 
 __all__ = ["trace", "trace_module", "trace_signature", "op_name", "call_spec", "Spec"]
 
@@ -281,7 +281,7 @@ class _Builder:
         self.names: dict[int, str] = {}
         self.modules: dict[str, nn.Module] = {}
         for name, mod in model.named_modules():
-            if "parametrizations" in name.split("."):
+            if is_inserted_path(name, by_regfx=False):
                 continue
             self.names.setdefault(id(mod), name)
             self.modules.setdefault(name, mod)
@@ -521,7 +521,7 @@ class _Builder:
         for name, mod in self.modules.items():
             if name in self.covered or self.names[id(mod)] != name or is_container(mod):
                 continue
-            if _is_inserted_path(name):
+            if is_inserted_path(name):
                 continue
             layer = self._enclosing_layer(name)
             if layer is not None:
@@ -547,7 +547,7 @@ class _Builder:
     def _descendants_covered(self, name: str) -> bool:
         prefix = name + "."
         leaves = [n for n, m in self.modules.items() if n.startswith(prefix) and is_leaf_layer(m)
-                  and not _is_inserted_path(n)]
+                  and not is_inserted_path(n)]
         return bool(leaves) and all(n in self.covered for n in leaves)
 
     def _enclosing_layer(self, name: str) -> str | None:

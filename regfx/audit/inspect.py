@@ -8,10 +8,10 @@ Regularizers found, by kind:
 - ``dropout`` / ``drop_path``: dropout modules (``nn.Dropout*``, ``AlphaDropout``, DropPath- and
   StochasticDepth-style modules) and ``F.dropout`` calls seen in the traced graph, attributed to
   the layer whose output they drop: the nearest layer upstream through activations, norms,
-  pooling, reshapes and additions. Dropout inside a module whose forward did not trace is
-  attributed to the layer defined just before it (``"inferred": true``). Dropout that regfx
-  inserted is attributed to the layer it is attached to; the ``dropout`` argument of
-  ``nn.MultiheadAttention`` and of RNNs to that layer.
+  pooling, reshapes, additions and products (:data:`DROPPED_THROUGH`). Dropout inside a module
+  whose forward did not trace is attributed to the layer defined just before it
+  (``"inferred": true``). Dropout that regfx inserted is attributed to the layer it is attached
+  to; the ``dropout`` argument of ``nn.MultiheadAttention`` and of RNNs to that layer.
 - ``weight_norm``, ``spectral_norm``, ``orthogonal``, ``parametrization``: torch
   parametrizations, and the deprecated hook-based ``weight_norm``/``spectral_norm``
   (``"deprecated": true``).
@@ -34,15 +34,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from regfx.graph import (
-    ACTIVATION_OPS,
     DROPOUT_OPS,
-    NORM_OPS,
     RESHAPE_OPS,
+    ROLES,
     ModelGraph,
     is_activation_module,
     is_dropout_module,
 )
-from regfx.select import is_linear_like, is_norm, layer_word
+from regfx.select import is_inserted_path, is_linear_like, is_norm, layer_word
 from regfx.transforms.norms import norm_kind_of
 from regfx.transforms.penalty import penalized_parameters
 
@@ -53,16 +52,16 @@ KINDS = ("dropout", "drop_path", "weight_norm", "spectral_norm", "orthogonal", "
          "l1", "l2", "weight_decay")
 NORM_KINDS = ("weight_norm", "spectral_norm", "orthogonal")
 
-POOL_OPS = frozenset(
-    f"{kind}_pool{d}d" for kind in ("max", "avg", "adaptive_max", "adaptive_avg", "lp")
-    for d in (1, 2, 3)
-) | frozenset({"max_pool2d_with_indices"})
+DROPPED_THROUGH = frozenset({"activation", "norm", "dropout", "reshape", "residual_add",
+                             "combine", "elementwise"})
+"""The roles through which a dropout drops a layer's output (upstream of the dropout):
+activations, norms, other dropout, reshapes and pooling, and of the ``combine`` and
+``elementwise`` roles only additions and products (:data:`DROPPED_THROUGH_OPS`): a dropout after
+a concatenation or a reduction is not attributed through it."""
+DROPPED_THROUGH_OPS = frozenset({"add", "iadd", "add_", "mul", "imul"})
 # Reshapes after which a conv feature map is no longer one (dtype casts and copies keep it).
 _FLATTENING_OPS = RESHAPE_OPS - {"contiguous", "float", "to", "type_as", "half", "bfloat16",
                                  "clone", "detach"}
-_POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                 nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-                 nn.modules.pooling._LPPoolNd, nn.Identity)
 ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop",
                        "Adadelta", "SparseAdam", "Adafactor")
 
@@ -249,10 +248,6 @@ def _shape_of(tensors: list[torch.Tensor]) -> list[int] | None:
     return list(biggest.shape)
 
 
-def _is_user_path(name: str) -> bool:
-    return not any(part.startswith("regfx_") for part in name.split("."))
-
-
 # -- dropout attribution ----------------------------------------------------------------------
 
 
@@ -268,38 +263,26 @@ def _layer_of(model_modules: dict[str, nn.Module], name: str) -> bool:
 
 
 def _trace_back(graph: ModelGraph, modules: dict[str, nn.Module], start: str) -> list[tuple[str, bool]]:
-    """Layers whose output reaches ``start`` through transparent nodes only."""
-    found: dict[str, bool] = {}
-    stack = [(p, False) for p in graph.producers(start)]
-    seen: set[tuple[str, bool]] = set()
-    while stack:
-        node, flat = stack.pop()
-        if (node, flat) in seen:
-            continue
-        seen.add((node, flat))
+    """Layers whose output reaches ``start`` through :data:`DROPPED_THROUGH` roles only, each
+    with whether a flattening reshape lies on the way."""
+    def is_layer(node: str) -> bool:
+        name = graph.nx.nodes[node].get("module")
+        return name is not None and _layer_of(modules, name)
+
+    def flattens(node: str) -> bool:
         data = graph.nx.nodes[node]
         name = data.get("module")
         if name is not None:
-            mod = modules.get(name)
-            if mod is None:
-                continue
-            if _layer_of(modules, name):
-                found[name] = found.get(name, False) or flat
-                continue
-            if is_norm(mod) or is_activation_module(mod) or is_dropout_module(mod) \
-                    or isinstance(mod, _POOL_MODULES) or isinstance(mod, nn.Flatten):
-                now_flat = flat or isinstance(mod, nn.Flatten)
-                stack.extend((p, now_flat) for p in graph.producers(node))
-            continue
-        op = data.get("op")
-        if op in ACTIVATION_OPS or op in NORM_OPS or op in DROPOUT_OPS or op in POOL_OPS \
-                or op in RESHAPE_OPS or op == "unbind":
-            now_flat = flat or op in _FLATTENING_OPS
-            stack.extend((p, now_flat) for p in graph.producers(node))
-        elif op in ("add", "iadd", "add_", "mul", "imul"):
-            stack.extend((p, flat) for p in graph.producers(node)
-                         if graph.nx.nodes[p].get("op") != "get_attr")
-    return sorted(found.items())
+            return isinstance(modules.get(name), nn.Flatten)
+        return data.get("op") in _FLATTENING_OPS
+
+    def passes(node: str) -> bool:
+        return graph.role(node) not in ("combine", "elementwise") \
+            or graph.nx.nodes[node].get("op") in DROPPED_THROUGH_OPS
+
+    found = graph.walk(start, DROPPED_THROUGH, ROLES, direction="backward", accept=is_layer,
+                       enter=passes, collect_all=True, mark=flattens)
+    return sorted((graph.nx.nodes[n]["module"], flat) for n, flat in found.items())
 
 
 def _definition_order_layer(model: nn.Module, name: str) -> str | None:
@@ -310,7 +293,7 @@ def _definition_order_layer(model: nn.Module, name: str) -> str | None:
         parent = model.get_submodule(parent_name) if parent_name else model
     except AttributeError:
         return None
-    names = [n for n in parent._modules if not n.startswith("regfx_") and n != "parametrizations"]
+    names = [n for n in parent._modules if not is_inserted_path(n)]
     if child not in names:
         return None
     for sibling in reversed(names[: names.index(child)]):
@@ -323,8 +306,8 @@ def _definition_order_layer(model: nn.Module, name: str) -> str | None:
             return qual
         last = None
         for sub_name, sub in mod.named_modules(prefix=qual):
-            if _is_user_path(sub_name) and "parametrizations" not in sub_name.split(".") \
-                    and not is_norm(sub) and layer_word(sub) not in (None, "norm"):
+            if not is_inserted_path(sub_name) and not is_norm(sub) \
+                    and layer_word(sub) not in (None, "norm"):
                 last = sub_name
         if last is not None:
             return last
@@ -370,7 +353,7 @@ def find_dropout(model: nn.Module, graph: ModelGraph) -> list[DropoutUse]:
             owner = data.get("owner")
             covered.add(name)
             last = name.rsplit(".", 1)[-1]
-            if last.startswith("regfx_dropout"):
+            if is_inserted_path(last):
                 layer = name.rsplit(".", 1)[0] if "." in name else ""
                 uses.append(DropoutUse(nid, name, kind, variant, p, owner, [(layer, False)], "inserted"))
                 continue
@@ -407,7 +390,7 @@ def find_dropout(model: nn.Module, graph: ModelGraph) -> list[DropoutUse]:
                                        _dropout_p(drop), None, [(name, False)], "inserted"))
     # Dropout built into torch layers: attention-weight dropout, dropout between RNN layers.
     for name, mod in modules.items():
-        if isinstance(mod, (nn.MultiheadAttention, nn.RNNBase)) and _is_user_path(name):
+        if isinstance(mod, (nn.MultiheadAttention, nn.RNNBase)) and not is_inserted_path(name):
             p = float(getattr(mod, "dropout", 0.0) or 0.0)
             if p > 0:
                 uses.append(DropoutUse(None, name, "dropout", f"{module_class_name(mod)}.dropout", p,
@@ -493,7 +476,7 @@ def inspect_model(model: nn.Module, graph: ModelGraph,
     alias_of: dict[str, ParamRecord] = {}
     for stored, tensor in model.named_parameters(remove_duplicate=False):
         module_name, attr = _logical(stored, modules)
-        if not _is_user_path(module_name):
+        if is_inserted_path(module_name):
             continue
         logical = _join(module_name, attr)
         existing = by_tensor.get(id(tensor))

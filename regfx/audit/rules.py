@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from regfx.audit.inspect import NORM_KINDS, Inspection, is_weight_of_layer, module_class_name
-from regfx.graph import ACTIVATION_OPS, DROPOUT_OPS, RESHAPE_OPS, is_activation_module, is_dropout_module
 from regfx.select import is_norm, matches, parse_types
 
 if TYPE_CHECKING:
@@ -87,29 +86,8 @@ def _root(ctx: Inspection) -> nn.Module:
     return ctx.modules[""]
 
 
-def _forward_reaches(ctx: Inspection, node: str, want: Callable[[str], bool]) -> str | None:
-    """The first node accepted by ``want`` downstream of ``node`` through activations,
-    reshapes and dropout only."""
-    graph = ctx.graph
-    stack = list(graph.consumers(node))
-    seen: set[str] = set()
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if want(cur):
-            return cur
-        data = graph.nx.nodes[cur]
-        op = data.get("op")
-        name = data.get("module")
-        transparent = op in ACTIVATION_OPS or op in RESHAPE_OPS or op in DROPOUT_OPS
-        if name is not None:
-            mod = ctx.modules.get(name)
-            transparent = mod is not None and (is_activation_module(mod) or is_dropout_module(mod))
-        if transparent:
-            stack.extend(graph.consumers(cur))
-    return None
+_FEEDS_THROUGH = frozenset({"activation", "reshape", "dropout"})
+"""The roles between a dropout and the layer it feeds (``dropout -> relu -> flatten -> bn``)."""
 
 
 # -- RFX0xx: tracing --------------------------------------------------------------------------
@@ -163,7 +141,7 @@ def dropout_before_batchnorm(ctx: Inspection, policy: Policy) -> Iterator[Findin
     for use in ctx.dropouts:
         if use.node is None or use.how == "definition order" or use.kind != "dropout":
             continue
-        bn = _forward_reaches(ctx, use.node, is_bn)
+        bn = ctx.graph.reaches(use.node, _FEEDS_THROUGH, ("norm",), accept=is_bn)
         if bn is None:
             continue
         data = ctx.graph.nx.nodes[bn]

@@ -8,8 +8,8 @@ from typing import Any
 import networkx as nx
 from torch import nn
 
-from regfx.graph import ModelGraph
-from regfx.select import _is_inserted_path, is_leaf_layer, layer_word
+from regfx.graph import ROLES, ModelGraph
+from regfx.select import is_inserted_path, is_leaf_layer, layer_word
 
 __all__ = ["inventory", "render_show", "layer_graph", "FORMATS"]
 
@@ -25,7 +25,7 @@ def inventory(model: nn.Module, graph: ModelGraph) -> dict[str, Any]:
     seen: set[int] = set()
     layers = []
     for name, mod in model.named_modules():
-        if _is_inserted_path(name) or not is_leaf_layer(mod):
+        if is_inserted_path(name) or not is_leaf_layer(mod):
             continue
         word = layer_word(mod) or "other"
         numel = 0
@@ -98,21 +98,15 @@ def layer_graph(graph: ModelGraph, depth: int | None = None) -> nx.DiGraph:
                 out.nodes[key]["types"].add(group_type)
         elif data.get("module_type"):
             out.nodes[key]["types"].add(data["module_type"])
+    # an edge to each group reached through op nodes only (any role: shape reads included)
     for nid in g.nodes:
         src = group(nid)
         if src is None:
             continue
-        stack = list(g.successors(nid))
-        seen: set[str] = set()
-        while stack:
-            cur = stack.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            dst = group(cur)
-            if dst is None:
-                stack.extend(g.successors(cur))
-            elif dst != src:
+        for reached in graph.walk(nid, ROLES, ROLES, accept=lambda n: group(n) is not None,
+                                  collect_all=True):
+            dst = group(reached)
+            if dst != src:
                 out.add_edge(src, dst)
     return out
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from regfx.errors import RegfxWarning
 from regfx.graph import ModelGraph, is_dropout_module
-from regfx.select import is_linear_like, select_layers
+from regfx.select import is_inserted_path, is_linear_like, select_layers
 from regfx.trace import trace_module, trace_signature
 
 __all__ = ["DropoutSite", "plan_dropout", "apply_dropout", "make_dropout", "remove_dropout",
@@ -88,7 +88,7 @@ def _likely_heads(model: nn.Module, graph: ModelGraph) -> set[str]:
     embed_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     last = None
     for name, mod in model.named_modules():
-        if "regfx_" in name or "parametrizations" in name:
+        if is_inserted_path(name):
             continue
         if any(True for _ in mod.parameters(recurse=False)) and not name.endswith("norm"):
             last = name
