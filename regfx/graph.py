@@ -463,22 +463,49 @@ def assign_roles(g: nx.DiGraph, modules: dict[str, nn.Module]) -> None:
             data["role"] = "attention"
 
 
-def _is_residual(g: nx.DiGraph, node: str, shortcut_depth: int = 3) -> bool:
-    """An add of a value and a branch computed from it (or from a short projection of it)."""
-    preds = [p for p in g.predecessors(node) if g.nodes[p].get("op") != "get_attr"]
+def _is_residual(g: nx.DiGraph, node: str, shortcut_depth: int = 3, branch_limit: int = 2048) -> bool:
+    """An add of a value and a branch computed from it (or from a short projection of it).
+
+    Shape reads do not count as dataflow (``x + pos_embed(arange(x.size(1)))`` is no residual).
+    The branch is searched backwards for at most ``branch_limit`` nodes, so the cost per add is
+    bounded and a deep stack of residual blocks stays linear in depth.
+    """
+    preds = [p for p in g.predecessors(node) if g.nodes[p].get("role") not in _NOT_DATAFLOW]
     if len(preds) < 2:
         return False
     for a in preds:
-        for b in preds:
-            if a == b:
-                continue
-            frontier = [a]
-            for _ in range(shortcut_depth + 1):
-                if any(nx.has_path(g, n, b) for n in frontier):
-                    return True
-                frontier = [p for n in frontier for p in g.predecessors(n)]
-                if not frontier:
-                    break
+        shortcut = {a}
+        frontier = [a]
+        for _ in range(shortcut_depth):
+            frontier = [p for n in frontier for p in _value_inputs(g, n)]
+            shortcut.update(frontier)
+        if any(b != a and _bounded_search(g, b, shortcut, branch_limit) for b in preds):
+            return True
+    return False
+
+
+_NOT_DATAFLOW = frozenset({"param", "metadata"})
+
+
+def _value_inputs(g: nx.DiGraph, node: str) -> list[str]:
+    return [p for p in g.predecessors(node) if g.nodes[p].get("role") not in _NOT_DATAFLOW]
+
+
+def _bounded_search(g: nx.DiGraph, start: str, targets: set[str], limit: int) -> bool:
+    """True when a node of ``targets`` is ``start`` or one of its first ``limit`` ancestors."""
+    if start in targets:
+        return True
+    seen = {start}
+    queue = [start]
+    i = 0
+    while i < len(queue) and len(seen) < limit:
+        for p in _value_inputs(g, queue[i]):
+            if p in targets:
+                return True
+            if p not in seen:
+                seen.add(p)
+                queue.append(p)
+        i += 1
     return False
 
 

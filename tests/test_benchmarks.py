@@ -15,7 +15,7 @@ SCRIPTS = {
     "spectral.py": ["regfx spectral", "torch spectral_norm", "max relative difference"],
     "dropout.py": ["regfx dropout (train step)", "regfx dropout (eval)"],
     "transform.py": ["regfx.transform + regfx.audit", "growth"],
-    "meta_audit.py": ["peak RSS", "audit"],
+    "meta_audit.py": ["peak VmHWM", "audit"],
 }
 
 

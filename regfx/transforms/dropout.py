@@ -289,7 +289,8 @@ def _same_value(value: Any, expected: Any) -> bool:
     return value is expected or (type(value) is type(expected) and value == expected)
 
 
-def _specialized_forward(base: type, table: dict[tuple[tuple[str, Any], ...], Any], label: str) -> Any:
+def _specialized_forward(base: type[nn.Module], table: dict[tuple[tuple[str, Any], ...], Any],
+                         label: str) -> Any:
     """A forward that runs the edited code traced for the specialization the call matches.
 
     Each entry of ``table`` was traced with some arguments as constants (the values a caller
