@@ -90,11 +90,14 @@ ROLES = frozenset({"linear", "conv", "embedding", "attention", "rnn", "norm", "a
                    "combine", "matmul", "param", "metadata", "opaque", "other"})
 """Every role a node can have (a walk with ``target=ROLES`` lets ``accept`` alone decide)."""
 CHAIN_ROLES = frozenset({"norm", "activation"})
+# rotary embeddings (q * cos + rotate_half(q) * sin) look like residual adds
+_ATTENTION_PATH = frozenset({"reshape", "elementwise", "combine", "residual_add"})
 """The roles of a layer's block chain (``conv -> bn -> relu``)."""
 OUTPUT_TRANSPARENT = frozenset({"reshape", "elementwise", "activation", "norm", "dropout",
-                                "combine"})
+                                "combine", "residual_add"})
 """Roles that pass a value on to a model output unchanged in kind: a layer whose value reaches
-an output through only these is an output layer."""
+an output through only these is an output layer (two heads summed look like a residual add of a
+projection, and dropout on either would perturb the output itself)."""
 DROPOUT_OPS = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
 )
@@ -320,6 +323,25 @@ class ModelGraph:
             p = self.nx.nodes[n].get("p")
             return p is None or p > 0
         return self.reaches(node, CHAIN_ROLES | {"reshape"}, ("dropout",), accept=real) is not None
+
+    def feeds_attention(self, node: str) -> bool:
+        """True when ``node``'s value becomes a query, key or value of an attention.
+
+        Through reshapes, elementwise ops and combinations (rotary embeddings, head splits), the
+        value reaches the attention op (``scaled_dot_product_attention``,
+        ``nn.MultiheadAttention``), or a q·kᵀ product that a softmax over attention scores
+        consumes, or it is multiplied by the attention probabilities (the value).
+        """
+        def attention_input(n: str) -> bool:
+            if self.role(n) == "attention":
+                return True
+            if self.reaches(n, _ATTENTION_PATH, ("attention",)) is not None:
+                return True  # q·kᵀ: the scores go on to the softmax
+            return any(self.role(p) == "attention" or self.walk(
+                p, {"dropout", "reshape", "elementwise"}, ("attention",), direction="backward")
+                for p in self.producers(n))  # probabilities · v
+        return self.reaches(node, _ATTENTION_PATH, ("attention", "matmul"),
+                            accept=attention_input) is not None
 
     def reaches_output(self, node: str, model: nn.Module | None = None) -> bool:
         """True when ``node``'s value reaches a model output through only transparent roles

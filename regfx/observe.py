@@ -319,14 +319,22 @@ def observe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
         handles.append(mod.register_forward_hook(rec.post_hook, with_kwargs=True, prepend=True,
                                                  always_call=True))
     modes = [(m, m.training) for m in model.modules()]
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     try:
         model.eval()
+        if mha is not None:
+            # Under no_grad, nn.TransformerEncoderLayer and friends take a fused fast path in
+            # eval mode that never calls their Linear layers; training never takes it.
+            mha.set_fastpath_enabled(False)
         # Inputs get their values first so that the root frame refers to them.
         for t in _tensors((args, kwargs)):
             rec.tok(t)
         with torch.no_grad(), rec:
             call_with(model, args, kwargs)
     finally:
+        if mha is not None and fastpath is not None:
+            mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
         for m, mode in modes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class DropoutSite:
     owner: str | None = None
     fx_name: str | None = None
     spec: tuple[tuple[str, Any], ...] = ()
+    note: str = ""
 
     @property
     def attr(self) -> str:
@@ -63,7 +65,9 @@ class DropoutSite:
     @property
     def where(self) -> str:
         """Where the dropout goes, for plan tables."""
-        return "output (hook)" if self.mode == "hook" else f"after {self.anchor}"
+        if self.mode == "hook":
+            return f"output (hook{': ' + self.note if self.note else ''})"
+        return f"after {self.anchor}"
 
 
 def _dropout_cls(module: nn.Module, kind: str) -> type[nn.Module]:
@@ -127,6 +131,7 @@ def plan_dropout(
     sites: list[DropoutSite] = []
     skipped: list[tuple[str, str]] = []
     heads: set[str] | None = None
+    regenerable: dict[type, str] = {}
     for name, layer in select_layers(model, after, include, exclude):
         calls = graph.calls(name)
         cls_name = _dropout_cls(layer, kind).__name__
@@ -160,6 +165,7 @@ def plan_dropout(
                 sites.append(DropoutSite(name, 0, "hook", p, cls_name, calls[0]))
             continue
         hook_calls = []
+        notes: set[str] = set()
         for nid in calls:
             data = graph.nx.nodes[nid]
             label = f"{name}#{data['call_index']}"
@@ -173,11 +179,19 @@ def plan_dropout(
             if graph.dropout_follows(nid, model):
                 skipped.append((label, "dropout already follows"))
                 continue
+            if graph.feeds_attention(nid):
+                skipped.append((label, "feeds attention; use attention dropout"))
+                continue
             if any(graph.nx.nodes[c].get("op") == "getitem" for c in consumers):
                 skipped.append((label, "output is a tuple"))
                 continue
             if data.get("fx_name") is None or data.get("owner") is None:
                 hook_calls.append(nid)
+                continue
+            reason = _not_regenerable(model, data["owner"], regenerable)
+            if reason:
+                hook_calls.append(nid)
+                notes.add(reason)
                 continue
             anchor = nid
             if position == "block":
@@ -201,8 +215,36 @@ def plan_dropout(
             elif hasattr(layer, "regfx_dropout"):
                 skipped.append((name, "dropout already follows"))
             else:
-                sites.append(DropoutSite(name, 0, "hook", p, cls_name, hook_calls[0]))
+                sites.append(DropoutSite(name, 0, "hook", p, cls_name, hook_calls[0],
+                                         note="; ".join(sorted(notes))))
     return sites, skipped
+
+
+# Calls that checkpoint a block: torch.utils.checkpoint's, timm's checkpoint_seq, transformers'
+_CHECKPOINT_CALL = re.compile(r"\b(checkpoint(_seq|_sequential)?|_gradient_checkpointing_func)\s*\(")
+
+
+def _not_regenerable(model: nn.Module, owner: str, cache: dict[type, str]) -> str:
+    """Why ``owner``'s forward must not be regenerated, or "".
+
+    A forward that uses gradient checkpointing (``torch.utils.checkpoint``, timm's
+    ``checkpoint_seq``, transformers' ``_gradient_checkpointing_func``) would lose it: torch.fx
+    traces through the checkpoint call and fixes the flag that switches it. Sites there are
+    edited at module boundaries instead.
+    """
+    mod = model.get_submodule(owner) if owner else model
+    cls = type(mod).__dict__.get("_regfx_base", type(mod))
+    found = cache.get(cls)
+    if found is None:
+        found = ""
+        try:  # the whole class: a forward may checkpoint through a helper method
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            source = ""
+        if _CHECKPOINT_CALL.search(source):
+            found = f"{cls.__name__}.forward uses gradient checkpointing, edited at module boundaries"
+        cache[cls] = found
+    return found
 
 
 def dropout_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -383,16 +425,44 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
                 else:
                     forwards[key] = forward
             table[spec] = forward
-        if list(table) == [()]:
-            forward = table[()]
-        else:
-            tkey = (base, tuple(table.items()))
-            forward = None if own else forwards.get(tkey)
-            if forward is None:
-                forward = _specialized_forward(base, table, label)
-                if not own:
-                    forwards[tkey] = forward
+        flags = _flags(owner)
+        tkey = (base, tuple(table.items()), flags)
+        forward = None if own else forwards.get(tkey)
+        if forward is None:
+            forward = table[()] if list(table) == [()] else _specialized_forward(base, table, label)
+            if flags:
+                forward = _flag_guard(base, forward, flags, label)
+            if not own:
+                forwards[tkey] = forward
         _swap_forward(owner, forward, classes)
+
+
+def _flags(owner: nn.Module) -> tuple[tuple[str, bool], ...]:
+    """The owner's boolean attributes (``grad_checkpointing``...), fixed in a regenerated forward."""
+    return tuple((k, v) for k, v in owner.__dict__.items() if type(v) is bool and k != "training")
+
+
+def _flag_guard(base: type[nn.Module], forward: Any, flags: tuple[tuple[str, bool], ...],
+                label: str) -> Any:
+    """Run ``forward`` while the owner's flags have the values it was traced with; otherwise
+    run the original forward (the flag is honoured), warning once that regfx's dropout in this
+    forward does not run then."""
+    base_forward = base.forward
+    warned: list[bool] = []
+
+    def guarded(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        attrs = self.__dict__
+        for key, value in flags:
+            if attrs.get(key) is not value:
+                if not warned:
+                    warned.append(True)
+                    warnings.warn(f"{label}: {key} changed to {attrs.get(key)!r} after the transform; "
+                                  "the original forward runs, without the dropout regfx inserted in it "
+                                  "(transform again to place it)", RegfxWarning, stacklevel=2)
+                return base_forward(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+
+    return guarded
 
 
 def restore_classes(model: nn.Module) -> None:
