@@ -173,6 +173,13 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
     result.warnings += [f"layer {layer!r} not normalized: {why}" for layer, why in skipped_norms
                         if why.startswith(ZERO_WEIGHT)]
     result.penalty = plan_penalty(model, rec.l1, rec.l2, rec.penalty_on, rec.include, rec.exclude)
+    if result.penalty is not None and not result.penalty.params \
+            and not any(m.startswith("penalty_on:") for m in messages):
+        message = (f"penalty_on: {rec.penalty_on!r} selects no weight of {type(model).__name__}, so "
+                   "l1/l2 penalize nothing")
+        if rec.strict:
+            raise SelectionError(f"{message} (strict mode); choose layer types the model has")
+        result.warnings.append(message)
     return result
 
 

@@ -27,6 +27,8 @@ __all__ = [
     "LayerSelector",
     "is_inserted_path",
     "is_leaf_layer",
+    "is_weight_like",
+    "weight_names",
     "is_linear_like",
     "is_norm",
     "layer_word",
@@ -136,6 +138,32 @@ def is_leaf_layer(module: nn.Module) -> bool:
     if layer_word(module) is not None:
         return True
     return not any(True for _ in user_children(module))
+
+
+def is_weight_like(attr: str) -> bool:
+    """True for parameter names that hold a layer's weights, not its biases or norm scales:
+    ``weight``, ``weight_ih_l0``/``weight_hh_l1_reverse`` (RNNs), ``in_proj_weight`` and
+    ``q_proj_weight`` (``nn.MultiheadAttention``)."""
+    return attr == "weight" or attr.startswith("weight_") or attr.endswith("_weight")
+
+
+def weight_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """Qualified names of every weight-like tensor of a layer (see :func:`is_weight_like`),
+    its own and those of its submodules (``attn.out_proj.weight``), seeing through
+    parametrizations (``fc.weight`` for ``fc.parametrizations.weight.original``)."""
+    out: list[str] = []
+    for sub, mod in module.named_modules():
+        if is_inserted_path(sub):
+            continue
+        attrs = list(mod._parameters)
+        if hasattr(mod, "parametrizations"):
+            attrs += [a for a in mod.parametrizations if a not in attrs]  # type: ignore[union-attr]
+        base = ".".join(p for p in (prefix, sub) if p)
+        for attr in attrs:
+            present = mod._parameters.get(attr) is not None or attr not in mod._parameters
+            if is_weight_like(attr) and present:
+                out.append(f"{base}.{attr}" if base else attr)
+    return out
 
 
 def user_children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:

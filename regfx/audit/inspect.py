@@ -41,7 +41,7 @@ from regfx.graph import (
     is_activation_module,
     is_dropout_module,
 )
-from regfx.select import is_inserted_path, is_linear_like, is_norm, layer_word
+from regfx.select import is_inserted_path, is_linear_like, is_norm, is_weight_like, layer_word
 from regfx.transforms.norms import norm_kind_of
 from regfx.transforms.penalty import penalized_parameters
 
@@ -638,8 +638,9 @@ def _assignment_site(cls: type, attr: str) -> tuple[str, int] | None:
 
 
 def is_weight_of_layer(rec: ParamRecord, modules: dict[str, nn.Module]) -> bool:
-    """True for the ``weight`` of a linear-like or conv layer."""
-    if rec.name.rsplit(".", 1)[-1] != "weight":
+    """True for a weight-like parameter (``weight``, ``weight_ih_l0``, ``in_proj_weight``) of a
+    linear-like, conv, RNN or attention layer: the parameters penalties select by default."""
+    if not is_weight_like(rec.name.rsplit(".", 1)[-1]):
         return False
     mod = modules.get(rec.module)
-    return mod is not None and (is_linear_like(mod) or layer_word(mod) == "conv")
+    return mod is not None and (is_linear_like(mod) or layer_word(mod) in ("conv", "rnn", "attention"))

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from regfx.select import select_layers
+from regfx.select import select_layers, weight_names
 
 __all__ = ["PenaltySpec", "plan_penalty", "apply_penalty", "remove_penalty", "penalty",
            "penalized_parameters"]
@@ -90,14 +90,16 @@ def _tensors_of(module: nn.Module, name: str) -> list[nn.Parameter]:
 
 def plan_penalty(model: nn.Module, l1: float, l2: float, penalty_on: str,
                  include: tuple[str, ...], exclude: tuple[str, ...]) -> PenaltySpec | None:
-    """The weights of the ``penalty_on`` layers (never biases or norm parameters unless a
-    norm word is in ``penalty_on``). Pure."""
+    """Every weight-like parameter of the ``penalty_on`` layers (``weight``, ``weight_ih_l0``,
+    ``in_proj_weight``, ...; never biases, and norm scales only when a norm word is in
+    ``penalty_on``). Pure."""
     if not l1 and not l2:
         return None
     names: list[str] = []
     for layer, mod in select_layers(model, penalty_on, include, exclude):
-        if _tensors_of(mod, "weight"):
-            names.append(f"{layer}.weight" if layer else "weight")
+        for name in weight_names(mod, layer):
+            if name not in names:
+                names.append(name)
     return PenaltySpec(tuple(names), float(l1), float(l2))
 
 

@@ -130,3 +130,57 @@ def test_frozen_parameters_are_not_penalized() -> None:
     model[0].weight.requires_grad_(False)
     out = regfx.transform(model, l2=L2)
     assert len(out.__dict__["_regfx_penalty"]["params"]) == 1
+
+
+def test_penalties_cover_rnn_and_attention_weights_against_an_explicit_loss_term() -> None:
+    """LSTM and MultiheadAttention keep their weights as weight_ih_l0 / in_proj_weight: the
+    penalty covers every weight-like parameter (never biases) and matches the loss term."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, num_layers=2, batch_first=True)
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.rnn(x)
+            a, _ = self.attn(h, h, h)
+            return self.head(a.mean(1))
+
+    model = Net()
+    plan = regfx.plan(model, l2=0.1, penalty_on="rnn,attention")
+    assert plan.penalty is not None
+    assert set(plan.penalty.params) == {
+        "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1",
+        "attn.in_proj_weight", "attn.out_proj.weight"}
+    reference = copy.deepcopy(model)
+    out = regfx.transform(model, l2=0.1, penalty_on="rnn,attention")
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 2)
+    opt = torch.optim.SGD(out.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    named = dict(reference.named_parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.mse_loss(out(x), y).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss = nn.functional.mse_loss(reference(x), y)
+        loss = loss + 0.05 * sum((named[n] ** 2).sum() for n in plan.penalty.params)
+        loss.backward()
+        ref_opt.step()
+    for name, p in out.named_parameters():
+        torch.testing.assert_close(p, named[name], rtol=1e-5, atol=1e-6)
+    report = regfx.audit(Net())
+    flagged = {f.target for f in report.findings if f.code == "RFX401"}
+    assert {"rnn.weight_ih_l0", "attn.in_proj_weight", "attn.out_proj.weight"} <= flagged
+    assert "rnn.bias_ih_l0" not in flagged
+
+
+def test_a_penalty_selecting_nothing_warns_and_fails_under_strict() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
+    with pytest.warns(regfx.RegfxWarning, match="selects no weight"):
+        regfx.transform(model, l2=0.1, penalty_on="embedding", exclude=["0"])
+    with pytest.raises(regfx.RegfxError, match="selects no weight"):
+        regfx.transform(model, l2=0.1, penalty_on="embedding", exclude=["0"], strict=True)
