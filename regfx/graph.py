@@ -96,8 +96,8 @@ _ATTENTION_PATH = frozenset({"reshape", "elementwise", "combine", "residual_add"
 OUTPUT_TRANSPARENT = frozenset({"reshape", "elementwise", "activation", "norm", "dropout",
                                 "combine", "residual_add"})
 """Roles that pass a value on to a model output unchanged in kind: a layer whose value reaches
-an output through only these is an output layer (two heads summed look like a residual add of a
-projection, and dropout on either would perturb the output itself)."""
+an output through only these is an output layer. Residual adds count only when their shortcut is
+a projection (two heads summed look like one); an identity residual ``x + f(x)`` stops the walk."""
 DROPOUT_OPS = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
 )
@@ -346,12 +346,17 @@ class ModelGraph:
     def reaches_output(self, node: str, model: nn.Module | None = None) -> bool:
         """True when ``node``'s value reaches a model output through only transparent roles
         (:data:`OUTPUT_TRANSPARENT`: reshapes, interpolation, activations, norms, dropout,
-        elementwise ops, and add/sum/mean/cat that are not residual adds)."""
+        elementwise ops, add/sum/mean/cat, and adds of two short branches such as summed
+        heads; never the add of a residual stream, ``x + f(x)``, where dropout on ``f`` does
+        not zero the output)."""
         cached = self._reach_cache.get(node)
         if cached is None:
-            cached = self.reaches(node, OUTPUT_TRANSPARENT) is not None
+            cached = bool(self.walk(node, OUTPUT_TRANSPARENT, ("output",), enter=self._not_identity_add))
             self._reach_cache[node] = cached
         return cached
+
+    def _not_identity_add(self, node: str) -> bool:
+        return self.nx.nodes[node].get("shortcut") != "identity"
 
     def functional_uses(self, module: str) -> list[str]:
         """Op nodes that read a parameter of ``module`` directly (``F.linear(x, m.weight)``)."""
@@ -479,14 +484,19 @@ def assign_roles(g: nx.DiGraph, modules: dict[str, nn.Module]) -> None:
             if used:
                 data["uses"] = used
     for nid, data in g.nodes(data=True):
-        if data.get("op") in ADD_OPS and _is_residual(g, nid):
+        shortcut = _residual_shortcut(g, nid) if data.get("op") in ADD_OPS else None
+        if shortcut is not None:
             data["role"] = "residual_add"
+            data["shortcut"] = shortcut
         elif data.get("op") in ("softmax", "_softmax") and _follows_matmul(g, nid):
             data["role"] = "attention"
 
 
-def _is_residual(g: nx.DiGraph, node: str, shortcut_depth: int = 3, branch_limit: int = 2048) -> bool:
-    """An add of a value and a branch computed from it (or from a short projection of it).
+def _residual_shortcut(g: nx.DiGraph, node: str, shortcut_depth: int = 3,
+                       branch_limit: int = 2048) -> str | None:
+    """``"identity"`` for an add of a value and a branch computed from it (``x + f(x)``),
+    ``"projection"`` for an add of two branches from one value, one of them short
+    (``f(x) + downsample(x)``, or two heads summed), None for any other add.
 
     Shape reads do not count as dataflow (``x + pos_embed(arange(x.size(1)))`` is no residual).
     The branch is searched backwards for at most ``branch_limit`` nodes, so the cost per add is
@@ -494,7 +504,9 @@ def _is_residual(g: nx.DiGraph, node: str, shortcut_depth: int = 3, branch_limit
     """
     preds = [p for p in g.predecessors(node) if g.nodes[p].get("role") not in _NOT_DATAFLOW]
     if len(preds) < 2:
-        return False
+        return None
+    if any(b != a and _bounded_search(g, b, {a}, branch_limit) for a in preds for b in preds):
+        return "identity"
     for a in preds:
         shortcut = {a}
         frontier = [a]
@@ -502,8 +514,8 @@ def _is_residual(g: nx.DiGraph, node: str, shortcut_depth: int = 3, branch_limit
             frontier = [p for n in frontier for p in _value_inputs(g, n)]
             shortcut.update(frontier)
         if any(b != a and _bounded_search(g, b, shortcut, branch_limit) for b in preds):
-            return True
-    return False
+            return "projection"
+    return None
 
 
 _NOT_DATAFLOW = frozenset({"param", "metadata"})
