@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ __all__ = ["Plan", "plan", "transform", "bake", "load_state_dict", "save_checkpo
            "load_checkpoint", "CheckpointError", "RegfxWarning", "recipe_of"]
 
 CHECKPOINT_FORMAT = "regfx-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+"""Version 2 stores the resolved sites (``plan``) beside the recipe; version 1 files still load."""
+_READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RegfxError):
@@ -71,6 +74,32 @@ class Plan:
                     if value:
                         out.append({"site": name, "kind": kind, "parameters": f"{kind}={value:g}"})
         return out
+
+    def sites_dict(self) -> dict[str, Any]:
+        """The resolved sites as plain data, to store in a checkpoint and re-apply exactly."""
+        return {
+            "dropout": [{**dataclasses.asdict(d), "spec": [list(kv) for kv in d.spec]}
+                        for d in self.dropout],
+            "norms": [{**dataclasses.asdict(n), "aliases": list(n.aliases)} for n in self.norms],
+            "penalty": None if self.penalty is None else {
+                "params": list(self.penalty.params), "l1": self.penalty.l1, "l2": self.penalty.l2},
+        }
+
+    @classmethod
+    def from_sites(cls, recipe: Recipe, data: dict[str, Any]) -> Plan:
+        """The plan whose sites :meth:`sites_dict` wrote (checkpoints of ``regfx apply -o``)."""
+        try:
+            dropout = [DropoutSite(**{**d, "spec": tuple(tuple(kv) for kv in d.get("spec", ()))})
+                       for d in data.get("dropout", [])]
+            norms = [NormSite(**{**n, "aliases": tuple(n.get("aliases", ()))})
+                     for n in data.get("norms", [])]
+            pen = data.get("penalty")
+            penalty = None if pen is None else PenaltySpec(tuple(pen["params"]), float(pen["l1"]),
+                                                           float(pen["l2"]))
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"the sites stored in the checkpoint are malformed ({exc}); "
+                                  "write the checkpoint again with `regfx apply -o`") from None
+        return cls(recipe=recipe, dropout=dropout, norms=norms, penalty=penalty)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (``regfx apply --format json``)."""
@@ -247,6 +276,7 @@ def apply_plan(model: nn.Module, result: Plan) -> None:
     if result.penalty is not None:
         apply_penalty(model, result.penalty)
     model.__dict__["_regfx_recipe"] = result.recipe.to_dict()
+    model.__dict__["_regfx_sites"] = result.sites_dict()
 
 
 def recipe_of(model: nn.Module) -> Recipe | None:
@@ -267,6 +297,7 @@ def bake(model: nn.Module) -> nn.Module:
     fold_norms(out)
     remove_penalty(out)
     out.__dict__.pop("_regfx_recipe", None)
+    out.__dict__.pop("_regfx_sites", None)
     return out
 
 
@@ -323,7 +354,14 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, Any], strict: bool =
             f"state dict does not match {type(model).__name__}: {'; '.join(parts)}; "
             "load it into the model it was saved from (same recipe), or pass strict=False"
         )
-    model.load_state_dict(direct, strict=False)
+    try:
+        model.load_state_dict(direct, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        raise CheckpointError(
+            f"state dict does not match {type(model).__name__}: {lines[0] if lines else exc}; load "
+            "it into the model it was saved from"
+        ) from None
     with torch.no_grad():
         for key, value in assign.items():
             mod = plain_targets[key]
@@ -332,7 +370,8 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, Any], strict: bool =
 
 
 def save_checkpoint(model: nn.Module, path: str | Path | io.BytesIO | None = None) -> bytes:
-    """Serialize a transformed model's state dict with its recipe (``weights_only``-safe).
+    """Serialize a transformed model's state dict with its recipe and the sites applied
+    (``weights_only``-safe), so :func:`load_checkpoint` rebuilds exactly that placement.
 
     Returns the bytes; writes them to ``path`` when given (not atomically: the CLI does that).
     """
@@ -342,6 +381,7 @@ def save_checkpoint(model: nn.Module, path: str | Path | io.BytesIO | None = Non
         "version": CHECKPOINT_VERSION,
         "model": type(model).__name__,
         "recipe": rec,
+        "plan": model.__dict__.get("_regfx_sites"),
         "state_dict": model.state_dict(),
     }
     buf = io.BytesIO()
@@ -368,7 +408,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{str(p)!r} is not a regfx checkpoint; write one with "
                               "`regfx apply MODEL ... -o FILE`")
-    if payload.get("version") != CHECKPOINT_VERSION:
+    if payload.get("version") not in _READABLE_VERSIONS:
         raise CheckpointError(f"{str(p)!r} has checkpoint version {payload.get('version')!r}; "
                               f"this regfx reads version {CHECKPOINT_VERSION}")
     return payload
@@ -377,13 +417,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild a transformed model from the plain ``model`` and a checkpoint of ``regfx apply -o``.
 
-    The recipe stored in the checkpoint is re-applied to a copy of ``model``, then the
-    weights are loaded. When ``model`` is already transformed, its recipe must equal the
-    checkpoint's.
+    The sites stored in the checkpoint (the placement ``regfx apply`` printed) are applied to a
+    copy of ``model`` exactly, without planning again; checkpoints written before sites were
+    stored re-plan their recipe. Then the weights are loaded. When ``model`` is already
+    transformed, its recipe must equal the checkpoint's.
 
     Raises:
         CheckpointError: unreadable/truncated file, not a regfx checkpoint, a different recipe,
-            or weights that do not fit.
+            a stored site the model does not have, or weights that do not fit.
     """
     payload = read_checkpoint(path)
     stored = Recipe.from_dict(payload["recipe"] or {}, f"recipe in {path}")
@@ -395,7 +436,32 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
                 f"({'; '.join(current.diff(stored))}); load into the plain model instead"
             )
         target = copy.deepcopy(model)
+    elif payload.get("plan") is not None:
+        stored_plan = Plan.from_sites(stored, payload["plan"])
+        _check_sites(model, stored_plan, path)
+        target = copy.deepcopy(model)
+        try:
+            apply_plan(target, stored_plan)
+        except (LookupError, AttributeError) as exc:
+            raise CheckpointError(f"{path} was written for a model whose code differs from "
+                                  f"{type(model).__name__}'s ({exc}); load it into the model it was "
+                                  "written from") from None
     else:
         target = transform(model, stored)
     load_state_dict(target, payload["state_dict"])
     return target
+
+
+def _check_sites(model: nn.Module, stored: Plan, path: str | Path) -> None:
+    """Every layer a stored site names exists in ``model``; else a CheckpointError naming it."""
+    names = dict(model.named_modules())
+    wanted = [s.layer for s in stored.dropout] + [s.owner or "" for s in stored.dropout
+                                                  if s.mode == "graph"]
+    wanted += [n.layer for n in stored.norms] + [a for n in stored.norms for a in n.aliases]
+    if stored.penalty is not None:
+        wanted += [p.rpartition(".")[0] for p in stored.penalty.params]
+    missing = [w for w in dict.fromkeys(wanted) if w not in names]
+    if missing:
+        raise CheckpointError(f"{path} has sites on {', '.join(repr(m) for m in missing[:3])}, which "
+                              f"{type(model).__name__} does not have; load it into the model it was "
+                              "written from")

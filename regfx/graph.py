@@ -483,8 +483,11 @@ def assign_roles(g: nx.DiGraph, modules: dict[str, nn.Module]) -> None:
             used = tuple(dict.fromkeys(owners[p] for p in data["params"] if p in owners))
             if used:
                 data["uses"] = used
+    # Nodes are created in execution order and edges only point to later nodes, so creation
+    # order is a topological order: a search for an ancestor never needs to look before it.
+    order = {n: i for i, n in enumerate(g.nodes)}
     for nid, data in g.nodes(data=True):
-        shortcut = _residual_shortcut(g, nid) if data.get("op") in ADD_OPS else None
+        shortcut = _residual_shortcut(g, nid, order) if data.get("op") in ADD_OPS else None
         if shortcut is not None:
             data["role"] = "residual_add"
             data["shortcut"] = shortcut
@@ -492,7 +495,7 @@ def assign_roles(g: nx.DiGraph, modules: dict[str, nn.Module]) -> None:
             data["role"] = "attention"
 
 
-def _residual_shortcut(g: nx.DiGraph, node: str, shortcut_depth: int = 3,
+def _residual_shortcut(g: nx.DiGraph, node: str, order: dict[str, int], shortcut_depth: int = 3,
                        branch_limit: int = 2048) -> str | None:
     """``"identity"`` for an add of a value and a branch computed from it (``x + f(x)``),
     ``"projection"`` for an add of two branches from one value, one of them short
@@ -505,7 +508,7 @@ def _residual_shortcut(g: nx.DiGraph, node: str, shortcut_depth: int = 3,
     preds = [p for p in g.predecessors(node) if g.nodes[p].get("role") not in _NOT_DATAFLOW]
     if len(preds) < 2:
         return None
-    if any(b != a and _bounded_search(g, b, {a}, branch_limit) for a in preds for b in preds):
+    if any(b != a and _bounded_search(g, b, {a}, order, branch_limit) for a in preds for b in preds):
         return "identity"
     for a in preds:
         shortcut = {a}
@@ -513,7 +516,7 @@ def _residual_shortcut(g: nx.DiGraph, node: str, shortcut_depth: int = 3,
         for _ in range(shortcut_depth):
             frontier = [p for n in frontier for p in _value_inputs(g, n)]
             shortcut.update(frontier)
-        if any(b != a and _bounded_search(g, b, shortcut, branch_limit) for b in preds):
+        if any(b != a and _bounded_search(g, b, shortcut, order, branch_limit) for b in preds):
             return "projection"
     return None
 
@@ -525,10 +528,14 @@ def _value_inputs(g: nx.DiGraph, node: str) -> list[str]:
     return [p for p in g.predecessors(node) if g.nodes[p].get("role") not in _NOT_DATAFLOW]
 
 
-def _bounded_search(g: nx.DiGraph, start: str, targets: set[str], limit: int) -> bool:
-    """True when a node of ``targets`` is ``start`` or one of its first ``limit`` ancestors."""
+def _bounded_search(g: nx.DiGraph, start: str, targets: set[str], order: dict[str, int],
+                    limit: int) -> bool:
+    """True when a node of ``targets`` is ``start`` or one of its first ``limit`` ancestors.
+
+    Ancestors created before every target cannot lead to one and are not explored."""
     if start in targets:
         return True
+    floor = min(order.get(t, 0) for t in targets)
     seen = {start}
     queue = [start]
     i = 0
@@ -536,7 +543,7 @@ def _bounded_search(g: nx.DiGraph, start: str, targets: set[str], limit: int) ->
         for p in _value_inputs(g, queue[i]):
             if p in targets:
                 return True
-            if p not in seen:
+            if p not in seen and order.get(p, 0) > floor:
                 seen.add(p)
                 queue.append(p)
         i += 1

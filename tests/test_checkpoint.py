@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -88,5 +89,53 @@ def test_weights_that_do_not_fit(saved: tuple[Path, regfx.Recipe]) -> None:
     path, _ = saved
     from torch import nn
 
-    with pytest.raises(regfx.CheckpointError, match=r"state dict does not match Sequential: missing"):
+    with pytest.raises(regfx.CheckpointError, match=r"has sites on 'features.0'.* which Sequential does not"):
         regfx.load_checkpoint(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)), path)
+    # a model with the same layers but other weight shapes: the weights do not fit
+    loaded = load_fixture("cnn")
+    other = type(loaded.model)()
+    other.fc = nn.Linear(other.fc.in_features, 3 * other.fc.out_features)
+    with pytest.raises(regfx.CheckpointError, match=r"state dict does not match|size mismatch|shape"):
+        regfx.load_checkpoint(other, path)
+
+
+def test_checkpoint_carries_the_placement_apply_printed(tmp_path: Path) -> None:
+    """The sites are stored: loading applies exactly them, even where planning without the
+    example inputs would place dropout differently."""
+    from torch import nn
+
+    class Branchy(nn.Module):  # root forward does not trace: placement needs the example run
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(x))
+            if h.sum() > -1e9:
+                h = torch.relu(self.fc2(h))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(3, 4)
+    out = regfx.transform(model, dropout=0.2, example_inputs=(x,))
+    path = tmp_path / "branchy.pt"
+    regfx.save_checkpoint(out, path)
+    rebuilt = regfx.load_checkpoint(Branchy(), path)
+    names = sorted(n for n, _ in rebuilt.named_modules() if "regfx_dropout" in n)
+    assert names == sorted(n for n, _ in out.named_modules() if "regfx_dropout" in n)
+    assert names == ["fc1.regfx_dropout", "fc2.regfx_dropout"]
+    torch.testing.assert_close(rebuilt.eval()(x), out.eval()(x))
+
+
+def test_old_checkpoints_without_sites_still_load(tmp_path: Path) -> None:
+    loaded = load_fixture("cnn")
+    out = regfx.transform(loaded.model, dropout=0.2, spectral="conv")
+    payload = torch.load(io.BytesIO(regfx.save_checkpoint(out)), weights_only=True)
+    payload["version"] = 1
+    del payload["plan"]
+    path = tmp_path / "v1.pt"
+    torch.save(payload, path)
+    rebuilt = regfx.load_checkpoint(loaded.model, path)
+    x = loaded.example_inputs[0]
+    torch.testing.assert_close(rebuilt.eval()(x), out.eval()(x))

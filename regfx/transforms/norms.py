@@ -188,12 +188,13 @@ def apply_norms(model: nn.Module, sites: list[NormSite]) -> None:
 
 
 def fold_norms(model: nn.Module) -> None:
-    """Replace every weight/spectral-norm parametrization by the weight it computes (eval mode
-    semantics: spectral norm's u/v do not advance). Tied weights stay tied."""
+    """Replace every weight/spectral-norm parametrization regfx applied by the weight it computes
+    (eval mode semantics: spectral norm's u/v do not advance). Tied weights stay tied; the
+    user's own parametrizations are left as they are."""
     _spectral.uninstall(model)
     folded: dict[int, nn.Parameter] = {}
     for mod in list(model.modules()):
-        if not parametrize.is_parametrized(mod, "weight"):
+        if not parametrize.is_parametrized(mod, "weight") or "_regfx_param_order" not in mod.__dict__:
             continue
         kind = norm_kind_of(mod)
         if kind not in ("weight_norm", "spectral_norm"):

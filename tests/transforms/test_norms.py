@@ -133,3 +133,24 @@ def test_zero_initialized_layer_is_left_alone_with_a_warning(kind: str) -> None:
     assert torch.isfinite(out(torch.randn(2, 4))).all()
     skipped = regfx.plan(model, **{kind: "linear"}).skipped
     assert any(layer == "2" and why.startswith("zero-initialized weight") for layer, _, why in skipped)
+
+
+def test_bake_keeps_the_users_own_weight_norm() -> None:
+    from torch.nn.utils.parametrizations import weight_norm
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+        model(torch.randn(1, 3, 6, 6))
+        weight_norm(model[0], "weight")
+        return model
+
+    model = build()
+    out = regfx.transform(model, spectral="linear", dropout=0.2, dropout_after="conv")
+    baked = regfx.bake(out)
+    assert list(baked.state_dict()) == list(model.state_dict())
+    assert "0.parametrizations.weight.original0" in baked.state_dict()
+    fresh = build()
+    fresh.load_state_dict(baked.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(baked.eval()(x), out.eval()(x))
