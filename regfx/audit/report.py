@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,29 @@ from regfx.errors import RegfxError
 from regfx.graph import ModelGraph
 
 __all__ = ["AuditReport", "Gate", "audit", "summarize", "SCHEMA_VERSION", "BaselineError",
-           "read_baseline"]
+           "read_baseline", "json_schema"]
 
 SCHEMA_VERSION = 1
 
 
 class BaselineError(RegfxError):
     """A baseline report is unreadable, not JSON, or not a regfx audit report."""
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the JSON report, as a new dict on every call.
+
+    It accepts one report (:meth:`AuditReport.to_dict`, ``regfx audit --format json`` for one
+    MODEL) or a non-empty list of them (several MODELs); ``$defs/report`` is one report. The
+    file ships in the package as ``regfx/audit/report.schema.json``.
+
+    Example:
+        >>> import jsonschema  # not a regfx dependency
+        >>> jsonschema.Draft202012Validator(json_schema()).validate(report.to_dict())
+    """
+    text = resources.files("regfx.audit").joinpath("report.schema.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def summarize(records: list[ParamRecord]) -> dict[str, Any]:
