@@ -274,7 +274,8 @@ def _load_recorded(env: dict[Tok, frozenset[str]], pattern: Any) -> _Value:
 class _Builder:
     """Stitches per-call graphs (symbolic or observed) of every module into one DiGraph."""
 
-    def __init__(self, model: nn.Module, observation: Observation | None) -> None:
+    def __init__(self, model: nn.Module, observation: Observation | None,
+                 cache: dict[tuple[Any, ...], fx.Graph | str]) -> None:
         self.model = model
         self.obs = observation
         self.g = nx.DiGraph()
@@ -285,7 +286,7 @@ class _Builder:
                 continue
             self.names.setdefault(id(mod), name)
             self.modules.setdefault(name, mod)
-        self.cache: dict[tuple[Any, ...], fx.Graph | str] = {}
+        self.cache = cache  # shared by the builds of one trace
         self.traced: set[str] = set()
         self.observed: dict[str, str] = {}
         self.opaque: dict[str, str] = {}
@@ -539,8 +540,10 @@ class _Builder:
             if not is_leaf_layer(mod) and self._descendants_covered(name):
                 continue  # reached through ``self.block.forward(x)`` of a traced parent
             if is_leaf_layer(mod):
+                # with no opaque region, every call is known: a layer no forward reached never runs
+                known = not self.opaque
                 self._module_node(name, self._next_call(name), _EMPTY, owner=None, region=None,
-                                  opaque=True, fx_name=None, called=None)
+                                  opaque=not known, fx_name=None, called=False if known else None)
             else:
                 self.call(name, [], {}, None, owner=None, region=name, fx_name=None)
 
@@ -685,7 +688,8 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | No
                          "positional arguments or a dict of keyword arguments") from None
 
 
-def trace(model: nn.Module, example_inputs: Any = None, *, observe_forward: bool = True) -> ModelGraph:
+def trace(model: nn.Module, example_inputs: Any = None, *,
+          observe_forward: bool | str = "auto") -> ModelGraph:
     """Trace ``model`` into a :class:`ModelGraph`, never giving up on untraceable code.
 
     Args:
@@ -698,7 +702,9 @@ def trace(model: nn.Module, example_inputs: Any = None, *, observe_forward: bool
             once on them in eval mode under ``no_grad``; if none can be had, or the forward
             fails on them, the graph is symbolic only (:attr:`ModelGraph.observe_error` says
             why).
-        observe_forward: False to trace symbolically only (the model never runs).
+        observe_forward: ``"auto"`` (default) runs the example forward when some forward does
+            not trace symbolically (where every one traces, the symbolic graph is already the
+            exact dataflow); True always runs it; False never does.
 
     Returns:
         The graph: exact dataflow where forwards trace or were observed, opaque nodes (with
@@ -718,26 +724,22 @@ def trace(model: nn.Module, example_inputs: Any = None, *, observe_forward: bool
         raise TraceError(
             f"trace() needs an nn.Module, got {type(model).__name__}; pass the model instance"
         )
-    lazy = _has_uninitialized(model)
-    inputs = None if lazy or not observe_forward else _resolve_inputs(model, example_inputs)
+    if observe_forward not in (True, False, "auto"):
+        raise TraceError(f"observe_forward must be True, False or 'auto', got {observe_forward!r}")
     observation: Observation | None = None
-    error: str | None = None
-    if inputs is None:
-        error = ("not run (observe_forward=False)" if not observe_forward
-                 else "lazy layers are not initialized" if lazy
-                 else "no example inputs given and none could be synthesized")
+    inputs: ExampleInputs | None = None
+    cache: dict[tuple[Any, ...], fx.Graph | str] = {}
     with preserved(model):
-        if inputs is not None:
-            try:
-                observation = observe(model, inputs.args, inputs.kwargs, is_leaf_layer,
-                                      _input_names(model, inputs))
-            except Exception as exc:  # noqa: BLE001 - the graph falls back to symbolic tracing
-                error = f"the forward failed on the example inputs: {_first_line(exc)}"
-        builder = _Builder(model, observation)
+        builder = _Builder(model, None, cache)
+        builder.build(None, None)
+        error: str | None = "not run (observe_forward=False)"
+        if observe_forward is True or (observe_forward == "auto" and builder.opaque):
+            error, inputs, observation = _observe(model, example_inputs)
+        elif observe_forward == "auto":
+            error = "not needed: every forward traced symbolically"
         if observation is not None and inputs is not None:
+            builder = _Builder(model, observation, cache)
             builder.build(inputs.args, inputs.kwargs)
-        else:
-            builder.build(None, None)
     assign_roles(builder.g, builder.modules)
     return ModelGraph(
         nx=builder.g,
@@ -746,7 +748,23 @@ def trace(model: nn.Module, example_inputs: Any = None, *, observe_forward: bool
         traced=sorted(builder.traced),
         observed=dict(builder.observed),
         modules={n: type(m).__name__ for n, m in builder.modules.items()},
-        output_layers=_output_layers(builder.g) if observation is not None else frozenset(),
+        output_layers=_output_layers(builder.g),
         inputs=(inputs.describe() if inputs is not None and observation is not None else None),
         observe_error=error if observation is None else None,
     )
+
+
+def _observe(model: nn.Module, example_inputs: Any
+             ) -> tuple[str | None, ExampleInputs | None, Observation | None]:
+    """Run the example forward: ``(why it did not run, the inputs, the record)``."""
+    if _has_uninitialized(model):
+        return "lazy layers are not initialized", None, None
+    inputs = _resolve_inputs(model, example_inputs)
+    if inputs is None:
+        return "no example inputs given and none could be synthesized", None, None
+    try:
+        observation = observe(model, inputs.args, inputs.kwargs, is_leaf_layer,
+                              _input_names(model, inputs))
+    except Exception as exc:  # noqa: BLE001 - the graph falls back to symbolic tracing
+        return f"the forward failed on the example inputs: {_first_line(exc)}", inputs, None
+    return None, inputs, observation

@@ -24,16 +24,19 @@ def test_every_layer_appears_in_the_graph(fixture_name: str) -> None:
 
 def test_traceable_models_are_one_traced_region(fixture_name: str) -> None:
     loaded = load_fixture(fixture_name)
-    graph = regfx.trace(loaded.model, loaded.inputs())
+    graph = regfx.trace(loaded.model, loaded.inputs(), observe_forward=True)
     symbolic = regfx.trace(loaded.model, observe_forward=False)
-    assert graph.opaque == {} and graph.fully_traced
+    auto = regfx.trace(loaded.model, loaded.inputs())
+    assert auto.opaque == {} and graph.opaque == {} and graph.fully_traced
     assert "output" in graph.nx
     assert any(d["op"] == "input" for _, d in graph.op_nodes())
     assert graph.inputs is not None and graph.observe_error is None
     if MODEL_FIXTURES[fixture_name]:
         assert graph.observed == {}
         assert symbolic.opaque == {} and symbolic.fully_traced
+        assert auto.inputs is None  # nothing needed to run
     else:
+        assert auto.inputs == graph.inputs and set(auto.observed) == set(graph.observed)
         # what does not trace symbolically is observed in the example forward ...
         assert graph.observed
         # ... and is opaque when the model does not run
@@ -401,7 +404,7 @@ def test_observed_attention_internals_are_in_the_graph() -> None:
 def test_meta_device_model_is_observed_where_its_forward_runs() -> None:
     with torch.device("meta"):
         model = load_fixture("resnet").model.__class__()
-    graph = regfx.trace(model)
+    graph = regfx.trace(model, observe_forward=True)
     assert graph.inputs is not None and "first layer" in graph.inputs
     assert graph.fully_traced
     assert all(p.is_meta for p in model.parameters())

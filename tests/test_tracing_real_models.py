@@ -354,9 +354,10 @@ ATTENTION_DROPOUT_ATTRS = ("attention_probs_dropout_prob", "attn_pdrop", "attent
 @dataclass
 class Traced:
     model: nn.Module
-    graph: ModelGraph  # regfx.trace(model): synthesized inputs
+    graph: ModelGraph  # regfx.trace(model, observe_forward=True): synthesized inputs, always run
     changes: list[str]  # what regfx.trace(model) changed in the model (empty: nothing)
     symbolic: ModelGraph | None = None  # regfx.trace(model, observe_forward=False)
+    auto: ModelGraph | None = None  # regfx.trace(model): runs only where something does not trace
     fx_root: str | None = None  # why torch.fx.symbolic_trace(model) failed; None: it traced
 
 
@@ -368,10 +369,12 @@ def _build(builder: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _trace_checked(model: nn.Module) -> tuple[ModelGraph, list[str]]:
-    """``regfx.trace(model)`` on synthesized inputs, and what it changed in the model."""
+    """``regfx.trace`` on synthesized inputs (the forward always run, and the default), and
+    what they changed in the model."""
     mixed_training_flags(model)
     before = ModelState.of(model)
-    graph = regfx.trace(model)
+    graph = regfx.trace(model, observe_forward=True)
+    regfx.trace(model)
     return graph, before.differences(ModelState.of(model))
 
 
@@ -379,7 +382,8 @@ def _trace_checked(model: nn.Module) -> tuple[ModelGraph, list[str]]:
 def traced_vision(name: str) -> Traced:
     model = _build(VISION[name])
     graph, changes = _trace_checked(model)
-    result = Traced(model, graph, changes, symbolic=regfx.trace(model, observe_forward=False))
+    result = Traced(model, graph, changes, symbolic=regfx.trace(model, observe_forward=False),
+                    auto=regfx.trace(model))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -467,6 +471,9 @@ def test_vision_model_has_no_opaque_module(name: str) -> None:
     # the root traced symbolically, so nothing had to come from the observed forward
     assert "" in graph.traced and graph.observed == {}, graph.observed
     assert layers_without_node(result.model, graph) == []
+    # by default nothing runs: every forward traced, so the symbolic graph is exact
+    assert result.auto is not None and result.auto.opaque == {}
+    assert result.auto.observe_error == "not needed: every forward traced symbolically"
 
 
 @pytest.mark.parametrize("name", list(VISION))
@@ -481,7 +488,7 @@ def test_timm_model_built_for_other_image_size_runs_on_synthesized_inputs() -> N
     ``pretrained_cfg`` keeps the 224 of the pretrained weights (timm's own
     ``resolve_model_data_config`` says 224 too)."""
     model = _build(_timm("vit_tiny_patch16_224", depth=2, img_size=64))
-    graph = regfx.trace(model)
+    graph = regfx.trace(model, observe_forward=True)
     assert graph.opaque == {}
     assert graph.observe_error is None, graph.observe_error
     assert graph.inputs is not None and "64, 64" in graph.inputs

@@ -160,7 +160,7 @@ def _text(inv: dict[str, Any]) -> str:
     else:
         state = "fully traced" if not inv["observed"] else "no opaque region"
     tiers = inv["tiers"]
-    ran = f"Inputs: {inv['inputs']}" if inv["inputs"] else f"Not run: {inv['not_run']}"
+    ran = f"Inputs: {inv['inputs']}" if inv["inputs"] else f"Example forward: not run ({inv['not_run']})"
     lines = [
         f"Model {inv['model']}: {_fmt_int(inv['parameters'])} parameters, {state}",
         ran,

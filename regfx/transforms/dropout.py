@@ -146,7 +146,7 @@ def plan_dropout(
                 skipped.append((name, f"not called as a module: {owner} uses its weight "
                                       f"functionally ({graph.nx.nodes[uses[0]].get('op')})"))
             else:
-                skipped.append((name, "did not run in the observed forward"))
+                skipped.append((name, _NEVER_RUNS if graph.inputs is None else _DID_NOT_RUN))
             continue
         if first.get("within_layer") is not None:
             skipped.append((name, f"inside layer {first['within_layer'] or '(root)'}, not called"
@@ -170,7 +170,7 @@ def plan_dropout(
             data = graph.nx.nodes[nid]
             label = f"{name}#{data['call_index']}"
             if data.get("called") is False:
-                skipped.append((label, "did not run in the observed forward"))
+                skipped.append((label, _NEVER_RUNS if graph.inputs is None else _DID_NOT_RUN))
                 continue
             consumers = graph.consumers(nid)
             if graph.reaches_output(nid, model) or (not consumers and name in graph.output_layers):
@@ -245,6 +245,10 @@ def _not_regenerable(model: nn.Module, owner: str, cache: dict[type, str]) -> st
             found = f"{cls.__name__}.forward uses gradient checkpointing, edited at module boundaries"
         cache[cls] = found
     return found
+
+
+_DID_NOT_RUN = "did not run in the observed forward"
+_NEVER_RUNS = "never runs: no forward calls it"
 
 
 def dropout_output_hook(module: nn.Module, args: Any, output: Any) -> Any:

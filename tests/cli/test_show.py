@@ -12,10 +12,12 @@ def test_show_text_every_fixture(name: str) -> None:
     code, out, _ = run("show", str(fixture_path(name)))
     assert code == 0
     assert "Layers by type" in out
-    assert "Inputs: " in out and "example_inputs() of" in out
     if not MODEL_FIXTURES[name]:  # the example forward fills in what did not trace
+        assert "Inputs: " in out and "example_inputs() of" in out
         assert "Observed modules" in out and "Opaque modules" not in out
         assert "no opaque region" in out
+    else:  # every forward traces: the symbolic graph is exact, nothing needs to run
+        assert "Example forward: not run (not needed: every forward traced symbolically)" in out
 
 
 @pytest.mark.parametrize("fmt", ["json", "mermaid", "dot"])
@@ -47,7 +49,7 @@ def test_show_opaque_marked_in_mermaid(tmp_path: Path) -> None:
     code, out, _ = run("show", str(model), "--format", "mermaid")
     assert code == 0 and "classDef opaque" in out
     code, out, _ = run("show", str(model))
-    assert "Not run: the forward failed on the example inputs: TypeError" in out
+    assert "Example forward: not run (the forward failed on the example inputs: TypeError" in out
     assert "Opaque modules" in out
 
 
