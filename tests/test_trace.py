@@ -296,12 +296,21 @@ def test_specialized_forwards_are_edited_and_fall_back_for_other_arguments() -> 
                             "blocks.2.fc.regfx_dropout", "head.pre.regfx_dropout"]
     # a call with other constants than the traced ones runs the original forward, with a warning
     runs.clear()
-    with pytest.warns(regfx.RegfxWarning, match="called with arguments other than"):
+    with pytest.warns(regfx.RegfxWarning, match="called with arguments or flags other than"):
         feats = out.head(x, pre_logits=True)
     assert runs == [] and feats.shape == (2, 8)
     mask = torch.zeros(2, 5, 8, dtype=torch.bool)
     with pytest.warns(regfx.RegfxWarning):
         out.blocks[0].eval()(x, attn_mask=mask)
+    # the generated forwards keep their signatures: tracing the transformed model again sees
+    # through them, finds every inserted dropout, and the audit agrees with the plan
+    graph = regfx.trace(out)
+    assert graph.opaque == {} and graph.observed == {}
+    dropped = {d["module"] for _, d in graph.module_nodes() if d["module"].endswith("regfx_dropout")}
+    assert dropped == {"blocks.0.fc.regfx_dropout", "blocks.1.fc.regfx_dropout",
+                       "blocks.2.fc.regfx_dropout", "head.pre.regfx_dropout"}
+    report = regfx.audit(out)
+    assert [r["kind"] for r in report.param("blocks.1.fc.weight").regularizers] == ["dropout"]
 
 
 # -- call sites are real calls --------------------------------------------------------------

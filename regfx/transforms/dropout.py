@@ -337,43 +337,88 @@ def _same_value(value: Any, expected: Any) -> bool:
     return value is expected or (type(value) is type(expected) and value == expected)
 
 
-def _specialized_forward(base: type[nn.Module], table: dict[tuple[tuple[str, Any], ...], Any],
-                         label: str) -> Any:
-    """A forward that runs the edited code traced for the specialization the call matches.
+def _dispatch_forward(base: type[nn.Module], table: dict[tuple[tuple[str, Any], ...], Any],
+                      flags: tuple[tuple[str, bool], ...], label: str) -> Any:
+    """A forward with the original signature that runs the edited code the call matches.
 
     Each entry of ``table`` was traced with some arguments as constants (the values a caller
-    passed, or the defaults it omitted). A call is bound to the original signature and
-    dispatched to the entry whose constants it matches; a call that matches none runs the
-    original forward, with a one-time warning that the dropout regfx inserted there does not
-    run for it.
+    passed, or the defaults it omitted) and with the owner's boolean attributes (``flags``, such
+    as ``grad_checkpointing``) as they were. A call whose constants and flags match an entry runs
+    its edited code; any other call runs the original forward (so a mask passed after all, or
+    checkpointing switched on later, is honoured), with a one-time warning that the dropout regfx
+    inserted there does not run for it. The generated function has the original signature and
+    no ``*args`` indirection, so torch.fx traces through it when the model is traced again.
     """
-    base_forward = base.forward
-    sig = inspect.signature(base_forward)
-    params = list(sig.parameters.values())[1:]
-    names = [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    entries = list(table.items())
+    sig = inspect.signature(base.forward)
+    params = list(sig.parameters.values())
+    self_name, rest = params[0].name, params[1:]
+    ns: dict[str, Any] = {"_same": _same_value, "_base": base.forward, "_miss": _miss_reporter(label)}
+    kinds = inspect.Parameter
+    has_varargs = any(p.kind is kinds.VAR_POSITIONAL for p in rest)
+    header, edited_call, base_call = [self_name], [self_name], [self_name]
+    star_done = False
+    for i, p in enumerate(rest):
+        default = ""
+        if p.default is not kinds.empty:
+            ns[f"_d{i}"] = p.default
+            default = f"=_d{i}"
+        if p.kind is kinds.POSITIONAL_ONLY:
+            header.append(p.name + default)
+            if i + 1 == len(rest) or rest[i + 1].kind is not kinds.POSITIONAL_ONLY:
+                header.append("/")
+        elif p.kind is kinds.VAR_POSITIONAL:
+            header.append("*" + p.name)
+            star_done = True
+        elif p.kind is kinds.KEYWORD_ONLY:
+            if not star_done:
+                header.append("*")
+                star_done = True
+            header.append(p.name + default)
+        elif p.kind is kinds.VAR_KEYWORD:
+            header.append("**" + p.name)
+        else:
+            header.append(p.name + default)
+        if p.kind is kinds.VAR_POSITIONAL:
+            edited_call.append("*" + p.name)
+            base_call.append("*" + p.name)
+        elif p.kind is kinds.VAR_KEYWORD:
+            edited_call.append("**" + p.name)
+            base_call.append("**" + p.name)
+        elif p.kind is kinds.KEYWORD_ONLY:
+            edited_call.append(f"{p.name}={p.name}" if has_varargs else p.name)
+            base_call.append(f"{p.name}={p.name}")
+        else:
+            edited_call.append(p.name)
+            base_call.append(p.name)
+    lines = [f"def forward({', '.join(header)}):"]
+    flag_test = " and ".join(f"{self_name}.__dict__.get({k!r}) is {v!r}" for k, v in flags)
+    for j, (spec, fn) in enumerate(table.items()):
+        ns[f"_e{j}"] = fn
+        tests = [f"_same({name}, _c{j}_{k})" for k, (name, _) in enumerate(spec)]
+        for k, (_, value) in enumerate(spec):
+            ns[f"_c{j}_{k}"] = value
+        if flag_test:
+            tests.append(flag_test)
+        cond = " and ".join(tests) or "True"
+        lines.append(f"    if {cond}:")
+        lines.append(f"        return _e{j}({', '.join(edited_call)})")
+    lines.append(f"    _miss({self_name})")
+    lines.append(f"    return _base({', '.join(base_call)})")
+    return _compile_forward("\n".join(lines) + "\n", ns, label + " (dispatch)")
+
+
+def _miss_reporter(label: str) -> Any:
     warned: list[bool] = []
 
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        try:
-            bound = sig.bind(self, *args, **kwargs)
-        except TypeError:
-            return base_forward(self, *args, **kwargs)
-        bound.apply_defaults()
-        values = bound.arguments
-        for spec, fn in entries:
-            if all(_same_value(values[n], v) for n, v in spec):
-                extra = values.get(var_kw, {}) if var_kw else {}
-                return fn(self, *(values[n] for n in names), **extra)
-        if not warned:
-            warned.append(True)
-            warnings.warn(f"{label} was called with arguments other than those it was traced "
-                          "with; dropout regfx inserted in this forward does not run for such calls",
-                          RegfxWarning, stacklevel=2)
-        return base_forward(self, *args, **kwargs)
+    def miss(module: nn.Module) -> None:
+        if warned or torch.fx._symbolic_trace.is_fx_tracing():
+            return
+        warned.append(True)
+        warnings.warn(f"{label} was called with arguments or flags other than those it was traced "
+                      "with; the original forward runs, and dropout regfx inserted in it does not "
+                      "run for such calls (transform again to place it)", RegfxWarning, stacklevel=3)
 
-    return forward
+    return miss
 
 
 def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | None = None) -> None:
@@ -435,9 +480,8 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
         tkey = (base, tuple(table.items()), flags)
         forward = None if own else forwards.get(tkey)
         if forward is None:
-            forward = table[()] if list(table) == [()] else _specialized_forward(base, table, label)
-            if flags:
-                forward = _flag_guard(base, forward, flags, label)
+            plain = list(table) == [()] and not flags
+            forward = table[()] if plain else _dispatch_forward(base, table, flags, label)
             if not own:
                 forwards[tkey] = forward
         _swap_forward(owner, forward, classes)
@@ -446,29 +490,6 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
 def _flags(owner: nn.Module) -> tuple[tuple[str, bool], ...]:
     """The owner's boolean attributes (``grad_checkpointing``...), fixed in a regenerated forward."""
     return tuple((k, v) for k, v in owner.__dict__.items() if type(v) is bool and k != "training")
-
-
-def _flag_guard(base: type[nn.Module], forward: Any, flags: tuple[tuple[str, bool], ...],
-                label: str) -> Any:
-    """Run ``forward`` while the owner's flags have the values it was traced with; otherwise
-    run the original forward (the flag is honoured), warning once that regfx's dropout in this
-    forward does not run then."""
-    base_forward = base.forward
-    warned: list[bool] = []
-
-    def guarded(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        attrs = self.__dict__
-        for key, value in flags:
-            if attrs.get(key) is not value:
-                if not warned:
-                    warned.append(True)
-                    warnings.warn(f"{label}: {key} changed to {attrs.get(key)!r} after the transform; "
-                                  "the original forward runs, without the dropout regfx inserted in it "
-                                  "(transform again to place it)", RegfxWarning, stacklevel=2)
-                return base_forward(self, *args, **kwargs)
-        return forward(self, *args, **kwargs)
-
-    return guarded
 
 
 def restore_classes(model: nn.Module) -> None:
