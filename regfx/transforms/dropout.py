@@ -297,7 +297,9 @@ def _fast_module_lookups(src: str, graph: Any) -> str:
 
 
 def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
-                    spec: tuple[tuple[str, Any], ...] = ()) -> Any:
+                    spec: tuple[tuple[str, Any], ...] = ()) -> tuple[Any, Any]:
+    """The owner's forward regenerated with the edits: ``(train-mode code, eval-mode code)``
+    (one function twice when torch.fx traced the same code in both modes)."""
     codes: dict[bool, tuple[str, dict[str, Any]]] = {}
     original = owner.training
     for mode in (original, not original):
@@ -323,25 +325,23 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
             # torch.fx stored a tensor constant on this owner: the code is its own
             owner.__dict__["_regfx_own_forward"] = True
     if codes[True][0] == codes[False][0]:
-        return _compile_forward(*codes[True], label)
-    train_fwd = _compile_forward(*codes[True], label + " (train)")
-    eval_fwd = _compile_forward(*codes[False], label + " (eval)")
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return (train_fwd if self.training else eval_fwd)(self, *args, **kwargs)
-
-    return forward
+        same = _compile_forward(*codes[True], label)
+        return same, same
+    return (_compile_forward(*codes[True], label + " (train)"),
+            _compile_forward(*codes[False], label + " (eval)"))
 
 
 def _same_value(value: Any, expected: Any) -> bool:
     return value is expected or (type(value) is type(expected) and value == expected)
 
 
-def _dispatch_forward(base: type[nn.Module], table: dict[tuple[tuple[str, Any], ...], Any],
+def _dispatch_forward(base: type[nn.Module],
+                      table: dict[tuple[tuple[str, Any], ...], tuple[Any, Any]],
                       flags: tuple[tuple[str, bool], ...], label: str) -> Any:
     """A forward with the original signature that runs the edited code the call matches.
 
-    Each entry of ``table`` was traced with some arguments as constants (the values a caller
+    Each entry of ``table`` (a ``(train, eval)`` pair of edited forwards) was traced with some
+    arguments as constants (the values a caller
     passed, or the defaults it omitted) and with the owner's boolean attributes (``flags``, such
     as ``grad_checkpointing``) as they were. A call whose constants and flags match an entry runs
     its edited code; any other call runs the original forward (so a mask passed after all, or
@@ -392,8 +392,9 @@ def _dispatch_forward(base: type[nn.Module], table: dict[tuple[tuple[str, Any], 
             base_call.append(p.name)
     lines = [f"def forward({', '.join(header)}):"]
     flag_test = " and ".join(f"{self_name}.__dict__.get({k!r}) is {v!r}" for k, v in flags)
-    for j, (spec, fn) in enumerate(table.items()):
-        ns[f"_e{j}"] = fn
+    for j, (spec, (train_fn, eval_fn)) in enumerate(table.items()):
+        ns[f"_e{j}t"], ns[f"_e{j}e"] = train_fn, eval_fn
+        fn_expr = f"_e{j}t" if train_fn is eval_fn else f"(_e{j}t if {self_name}.training else _e{j}e)"
         tests = [f"_same({name}, _c{j}_{k})" for k, (name, _) in enumerate(spec)]
         for k, (_, value) in enumerate(spec):
             ns[f"_c{j}_{k}"] = value
@@ -401,7 +402,7 @@ def _dispatch_forward(base: type[nn.Module], table: dict[tuple[tuple[str, Any], 
             tests.append(flag_test)
         cond = " and ".join(tests) or "True"
         lines.append(f"    if {cond}:")
-        lines.append(f"        return _e{j}({', '.join(edited_call)})")
+        lines.append(f"        return {fn_expr}({', '.join(edited_call)})")
     lines.append(f"    _miss({self_name})")
     lines.append(f"    return _base({', '.join(base_call)})")
     return _compile_forward("\n".join(lines) + "\n", ns, label + " (dispatch)")
@@ -456,7 +457,7 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
         owner = model.get_submodule(owner_name) if owner_name else model
         base = type(owner).__dict__.get("_regfx_base", type(owner))
         label = f"{type(owner).__name__}.forward at {owner_name or '(root)'}"
-        table: dict[tuple[tuple[str, Any], ...], Any] = {}
+        table: dict[tuple[tuple[str, Any], ...], tuple[Any, Any]] = {}
         own = False
         for spec, owner_sites in per_spec.items():
             edits: list[tuple[str, str]] = []
@@ -480,8 +481,8 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
         tkey = (base, tuple(table.items()), flags)
         forward = None if own else forwards.get(tkey)
         if forward is None:
-            plain = list(table) == [()] and not flags
-            forward = table[()] if plain else _dispatch_forward(base, table, flags, label)
+            plain = list(table) == [()] and not flags and table[()][0] is table[()][1]
+            forward = table[()][0] if plain else _dispatch_forward(base, table, flags, label)
             if not own:
                 forwards[tkey] = forward
         _swap_forward(owner, forward, classes)
