@@ -263,12 +263,30 @@ def dropout_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
     return output
 
 
-def _compile_forward(src: str, globals_: dict[str, Any], label: str) -> Any:
-    namespace = dict(globals_)
-    filename = f"<regfx-generated {label}>"
-    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
-    exec(compile(src, filename, "exec", dont_inherit=True), namespace)
-    return namespace["forward"]
+class _Codegen:
+    """What one :func:`apply_dropout` call learns once and reuses: compiled sources (the blocks
+    of a deep model regenerate to the same code) and what each class's source says."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, Any] = {}
+        self.training: dict[type, bool] = {}
+
+    def compile(self, src: str, globals_: dict[str, Any], label: str) -> Any:
+        """The ``forward`` function defined by ``src``, bound to ``globals_``."""
+        code = self.code.get(src)
+        if code is None:
+            filename = f"<regfx-generated {label}>"
+            linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+            code = self.code[src] = compile(src, filename, "exec", dont_inherit=True)
+        namespace = dict(globals_)
+        exec(code, namespace)
+        return namespace["forward"]
+
+    def reads_training(self, cls: type) -> bool:
+        found = self.training.get(cls)
+        if found is None:
+            found = self.training[cls] = _reads_training(cls)
+        return found
 
 
 def _fx_target_expr(target: str) -> str:
@@ -297,12 +315,13 @@ def _fast_module_lookups(src: str, graph: Any) -> str:
 
 
 def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
-                    spec: tuple[tuple[str, Any], ...] = ()) -> tuple[Any, Any]:
+                    spec: tuple[tuple[str, Any], ...], gen: _Codegen) -> tuple[Any, Any]:
     """The owner's forward regenerated with the edits: ``(train-mode code, eval-mode code)``
     (one function twice when torch.fx traced the same code in both modes)."""
     codes: dict[bool, tuple[str, dict[str, Any]]] = {}
     original = owner.training
-    for mode in (original, not original):
+    modes = (original, not original) if gen.reads_training(type(owner)) else (original,)
+    for mode in modes:
         owner.training = mode
         try:
             graph = trace_module(owner, spec)
@@ -324,11 +343,27 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
                for n in graph.nodes):
             # torch.fx stored a tensor constant on this owner: the code is its own
             owner.__dict__["_regfx_own_forward"] = True
-    if codes[True][0] == codes[False][0]:
-        same = _compile_forward(*codes[True], label)
+    if len(codes) == 1 or codes[True][0] == codes[False][0]:
+        same = gen.compile(*codes[original], label)
         return same, same
-    return (_compile_forward(*codes[True], label + " (train)"),
-            _compile_forward(*codes[False], label + " (eval)"))
+    return (gen.compile(*codes[True], label + " (train)"),
+            gen.compile(*codes[False], label + " (eval)"))
+
+
+def _reads_training(cls: type) -> bool:
+    """Whether torch.fx may fix ``self.training`` in a trace of ``cls``'s forward: the class
+    (or a base class other than ``nn.Module``) mentions ``training`` in its source. Only then is the forward
+    traced in both modes."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            return True  # no source to read: trace both modes
+        if "training" in source:
+            return True
+    return False
 
 
 def _same_value(value: Any, expected: Any) -> bool:
@@ -337,7 +372,7 @@ def _same_value(value: Any, expected: Any) -> bool:
 
 def _dispatch_forward(base: type[nn.Module],
                       table: dict[tuple[tuple[str, Any], ...], tuple[Any, Any]],
-                      flags: tuple[tuple[str, bool], ...], label: str) -> Any:
+                      flags: tuple[tuple[str, bool], ...], label: str, gen: _Codegen) -> Any:
     """A forward with the original signature that runs the edited code the call matches.
 
     Each entry of ``table`` (a ``(train, eval)`` pair of edited forwards) was traced with some
@@ -405,7 +440,7 @@ def _dispatch_forward(base: type[nn.Module],
         lines.append(f"        return {fn_expr}({', '.join(edited_call)})")
     lines.append(f"    _miss({self_name})")
     lines.append(f"    return _base({', '.join(base_call)})")
-    return _compile_forward("\n".join(lines) + "\n", ns, label + " (dispatch)")
+    return gen.compile("\n".join(lines) + "\n", ns, label + " (dispatch)")
 
 
 def _miss_reporter(label: str) -> Any:
@@ -453,6 +488,7 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
             by_owner.setdefault(site.owner or "", {}).setdefault(site.spec, []).append(site)
     forwards: dict[Any, Any] = {}
     classes: dict[Any, type] = {}
+    gen = _Codegen()
     for owner_name, per_spec in by_owner.items():
         owner = model.get_submodule(owner_name) if owner_name else model
         base = type(owner).__dict__.get("_regfx_base", type(owner))
@@ -471,7 +507,7 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
             key = (trace_signature(owner), spec, tuple(edits))
             forward = forwards.get(key)
             if forward is None:
-                forward = _edited_forward(owner, edits, label, spec)
+                forward = _edited_forward(owner, edits, label, spec, gen)
                 if owner.__dict__.pop("_regfx_own_forward", False):
                     own = True
                 else:
@@ -482,7 +518,7 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
         forward = None if own else forwards.get(tkey)
         if forward is None:
             plain = list(table) == [()] and not flags and table[()][0] is table[()][1]
-            forward = table[()][0] if plain else _dispatch_forward(base, table, flags, label)
+            forward = table[()][0] if plain else _dispatch_forward(base, table, flags, label, gen)
             if not own:
                 forwards[tkey] = forward
         _swap_forward(owner, forward, classes)
