@@ -261,12 +261,30 @@ def transform(
                      weight_norm=weight_norm, l1=l1, l2=l2, penalty_on=penalty_on,
                      include=include, exclude=exclude, **options)
     rec = _merge(recipe, overrides)
+    previous = recipe_of(model)
+    if previous is not None and previous == rec:
+        return model if inplace else copy.deepcopy(model)  # transforming twice = once
     target = model if inplace else copy.deepcopy(model)
+    if previous is not None:
+        # Another recipe: undo regfx's own edits so the new one is planned from the model's
+        # structure, not around the old dropout (norms are folded only where they change).
+        _strip(target, previous, rec)
     result = plan(target, rec, example_inputs=example_inputs)
     for message in result.warnings:
         warnings.warn(message, RegfxWarning, stacklevel=2)
     apply_plan(target, result)
     return target
+
+
+def _strip(model: nn.Module, previous: Recipe, new: Recipe) -> None:
+    """Remove what transforming with ``previous`` added, before transforming with ``new``."""
+    remove_dropout(model)
+    remove_penalty(model)
+    norm_fields = ("spectral", "weight_norm", "n_power_iterations", "include", "exclude")
+    if any(getattr(previous, f) != getattr(new, f) for f in norm_fields):
+        fold_norms(model)
+    model.__dict__.pop("_regfx_recipe", None)
+    model.__dict__.pop("_regfx_sites", None)
 
 
 def apply_plan(model: nn.Module, result: Plan) -> None:

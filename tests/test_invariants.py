@@ -135,3 +135,23 @@ def test_deepcopy_of_transformed_model(fixture_name: str) -> None:
     torch.manual_seed(0)
     a = call(clone, loaded.example_inputs)
     assert a.shape == eval_out(out, loaded.example_inputs).shape
+
+
+def test_a_different_recipe_replans_from_the_model_structure() -> None:
+    loaded = load_fixture("mlp")
+    once = regfx.transform(loaded.model, dropout=0.1)
+    other = regfx.transform(once, dropout=0.3)
+    drops = {n: m.p for n, m in other.named_modules() if n.endswith("regfx_dropout")}
+    assert drops and set(drops.values()) == {0.3}
+    assert set(drops) == {n for n, _ in once.named_modules() if n.endswith("regfx_dropout")}
+    assert regfx.audit(other).param(next(iter(drops)).rsplit(".", 1)[0] + ".weight").regularizers \
+        == [{"kind": "dropout", "p": 0.3, "via": next(iter(drops))}]
+    # the same recipe again changes nothing, and keeps the stored sites
+    again = regfx.transform(other, dropout=0.3)
+    assert again.__dict__["_regfx_sites"] == other.__dict__["_regfx_sites"]
+    # norms change only where the recipe changes them
+    normed = regfx.transform(once, dropout=0.1, spectral="linear")
+    back = regfx.transform(normed, dropout=0.1)
+    assert list(back.state_dict()) == list(once.state_dict())
+    torch.testing.assert_close(eval_out(back, loaded.example_inputs),
+                               eval_out(normed, loaded.example_inputs))
