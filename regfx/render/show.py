@@ -177,18 +177,17 @@ def _text(inv: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}")
-    if inv["observed"]:
-        lines += ["", "Observed modules (forward did not trace; dataflow recorded from the example "
-                      "forward, dropout placed by hooks at layer boundaries)"]
-        width = max(len(o["module"]) for o in inv["observed"])
-        for o in inv["observed"]:
-            lines.append(f"  {o['module']:<{width}}  {o['reason']}")
-    if inv["opaque"]:
-        lines += ["", "Opaque modules (forward neither traced nor ran; placement falls back to their "
-                      "outputs)"]
-        width = max(len(o["module"]) for o in inv["opaque"])
-        for o in inv["opaque"]:
-            lines.append(f"  {o['module']:<{width}}  {o['reason']}")
+    sections = (
+        ("observed", "Observed modules (forward did not trace; dataflow recorded from the example "
+                     "forward, dropout placed by hooks at layer boundaries)"),
+        ("opaque", "Opaque modules (forward neither traced nor ran; placement falls back to their "
+                   "outputs)"),
+    )
+    for key, title in sections:
+        if inv[key]:
+            lines += ["", title]
+            width = max(len(o["module"]) for o in inv[key])
+            lines += [f"  {o['module']:<{width}}  {o['reason']}" for o in inv[key]]
     return "\n".join(lines) + "\n"
 
 
