@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from regfx.errors import RegfxError, RegfxWarning, SelectionError
 from regfx.graph import ModelGraph
-from regfx.recipe import Recipe
+from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
 from regfx.select import parse_types, select_layers
 from regfx.trace import trace
 from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
@@ -111,28 +111,11 @@ class Plan:
         }
 
 
-_DEFAULTS = {
-    "dropout": None, "dropout_after": "linear", "spectral": None, "weight_norm": None,
-    "l1": 0.0, "l2": 0.0, "penalty_on": "linear,conv", "include": (), "exclude": (),
-}
+_DEFAULT_PENALTY_ON = Recipe().penalty_on
 
 
 def _merge(recipe: Recipe | None, overrides: dict[str, Any]) -> Recipe:
-    base = recipe if recipe is not None else Recipe()
-    if not isinstance(base, Recipe):
-        raise RegfxError(f"recipe must be a regfx.Recipe, got {type(base).__name__}; "
-                         "use regfx.Recipe(...) or Recipe.from_toml(path)")
-    changes = {}
-    for key, value in overrides.items():
-        if value is None and key not in ("dropout", "spectral", "weight_norm"):
-            continue
-        default = _DEFAULTS.get(key, None)
-        if key in ("include", "exclude"):
-            value = (value,) if isinstance(value, str) else tuple(value)
-        if recipe is None or value != default:
-            changes[key] = value
-    return (Recipe(**{**base.to_dict(), "include": base.include, "exclude": base.exclude,
-                      **changes})).validate()
+    return resolve_recipe(recipe, **overrides)
 
 
 def _check_model(model: Any) -> None:
@@ -152,7 +135,7 @@ def _unmatched(model: nn.Module, spec: str | None, field_name: str) -> list[str]
     terms = parse_types(spec).terms
     missing = [t for t in terms if not select_layers(model, t)]
     # A default such as "linear,conv" only warns when none of its words matches.
-    if spec == _DEFAULTS.get(field_name) and len(missing) < len(terms):
+    if field_name == "penalty_on" and spec == _DEFAULT_PENALTY_ON and len(missing) < len(terms):
         return []
     return [f"{field_name}: layer type {t!r} matches no layer of {type(model).__name__}"
             for t in missing]
@@ -216,31 +199,37 @@ def transform(
     model: nn.Module,
     recipe: Recipe | None = None,
     *,
-    dropout: float | None = None,
-    dropout_after: str = "linear",
-    spectral: str | None = None,
-    weight_norm: str | None = None,
-    l1: float = 0.0,
-    l2: float = 0.0,
-    penalty_on: str = "linear,conv",
-    include: tuple[str, ...] | list[str] = (),
-    exclude: tuple[str, ...] | list[str] = (),
+    dropout: float | None = NOT_GIVEN,
+    dropout_after: str = NOT_GIVEN,
+    spectral: str | None = NOT_GIVEN,
+    weight_norm: str | None = NOT_GIVEN,
+    l1: float = NOT_GIVEN,
+    l2: float = NOT_GIVEN,
+    penalty_on: str = NOT_GIVEN,
+    include: str | tuple[str, ...] | list[str] = NOT_GIVEN,
+    exclude: str | tuple[str, ...] | list[str] = NOT_GIVEN,
     inplace: bool = False,
     example_inputs: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Apply regularization to ``model``: dropout, weight/spectral norm, L1/L2 penalties.
 
+    Every keyword left out takes the recipe's value (or the :class:`Recipe` default); a keyword
+    given, even ``None`` or ``0.0``, overrides the recipe (``l2=0.0`` switches a recipe's L2
+    off).
+
     Args:
         model: any ``nn.Module`` (not a DDP/DataParallel wrapper: transform ``.module``).
         recipe: a :class:`Recipe`; explicit keywords override its fields.
-        dropout: dropout probability after each ``dropout_after`` layer (None: no dropout).
-        dropout_after: layer types followed by dropout (``"linear"``, ``"conv"``, ...).
-        spectral: layer types to spectrally normalize.
-        weight_norm: layer types to weight-normalize.
-        l1, l2: penalty coefficients (``l1*sum|w| + (l2/2)*sum w^2`` per optimizer step).
-        penalty_on: layer types whose weights are penalized.
-        include, exclude: globs on qualified module names.
+        dropout: dropout probability after each ``dropout_after`` layer (default None: no
+            dropout).
+        dropout_after: layer types followed by dropout (default ``"linear"``; ``"conv"``, ...).
+        spectral: layer types to spectrally normalize (default None).
+        weight_norm: layer types to weight-normalize (default None).
+        l1, l2: penalty coefficients (``l1*sum|w| + (l2/2)*sum w^2`` per optimizer step;
+            default 0.0).
+        penalty_on: layer types whose weights are penalized (default ``"linear,conv"``).
+        include, exclude: globs on qualified module names (default none).
         inplace: edit ``model`` itself instead of a deep copy.
         example_inputs: optional inputs, run once to find output layers inside opaque modules.
         **options: other :class:`Recipe` fields (``dropout_position``, ``dropout_kind``,

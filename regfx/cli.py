@@ -124,14 +124,11 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     import regfx
     from regfx.apply import apply_plan, save_checkpoint
     from regfx.load import load_model
+    from regfx.recipe import NOT_GIVEN, resolve_recipe
 
-    recipe = _config_recipe(model_spec, recipe_file)
-    changes = {k: (tuple(v) if k in ("include", "exclude") else v) for k, v in flags.items()
-               if v is not None and v != ()}
-    try:
-        recipe = recipe.replace(**changes)
-    except TypeError as exc:  # pragma: no cover - click guards the names
-        raise RegfxError(str(exc)) from None
+    # click gives None (and () for repeatable flags) for a flag not on the command line
+    recipe = resolve_recipe(_config_recipe(model_spec, recipe_file), **{
+        k: NOT_GIVEN if v is None or v == () else v for k, v in flags.items()})
     if output and not dry_run:
         _check_writable(output)
     loaded = load_model(model_spec)

@@ -26,6 +26,28 @@ POSITIONS = ("block", "output")
 KINDS = ("auto", "element", "channel")
 
 
+class _NotGiven:
+    """The value of a keyword the caller did not pass (``None`` and ``0.0`` are real values)."""
+
+    _instance: _NotGiven | None = None
+
+    def __new__(cls) -> _NotGiven:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+    def __reduce__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGiven()
+"""Sentinel default of ``transform``/``plan`` keywords and CLI flags: "not given", so that an
+explicit value, even ``None`` or ``0.0``, always overrides the recipe."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What :func:`regfx.transform` applies. Fields mirror ``transform()``'s keywords.
@@ -224,3 +246,44 @@ def find_pyproject(start: str | Path = ".") -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def resolve_recipe(recipe: Recipe | None = None, base: Recipe | None = None,
+                   **overrides: Any) -> Recipe:
+    """The one place settings are merged: explicit keywords override ``recipe``, which
+    overrides ``base`` (the ``[tool.regfx]`` table of pyproject.toml, for the CLI).
+
+    Args:
+        recipe: a :class:`Recipe`, or None.
+        base: the lowest layer (pyproject), or None.
+        **overrides: :class:`Recipe` fields; a value of :data:`NOT_GIVEN` is skipped, any other
+            value (``None``, ``0.0``, ``()``) is applied. ``include``/``exclude`` accept a string
+            or a sequence of strings.
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        RecipeError: ``recipe`` is not a Recipe, an unknown field, or an invalid value.
+
+    Example:
+        >>> resolve_recipe(Recipe(dropout=0.1, l2=1e-4), l2=0.0).l2
+        0.0
+    """
+    layers = [r for r in (base, recipe) if r is not None]
+    for layer in layers:
+        if not isinstance(layer, Recipe):
+            raise RecipeError(f"recipe must be a regfx.Recipe, got {type(layer).__name__}; "
+                              "use regfx.Recipe(...) or Recipe.from_toml(path)")
+    merged = layers[-1] if layers else Recipe()
+    valid = [f.name for f in dataclasses.fields(Recipe)]
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is NOT_GIVEN:
+            continue
+        if key not in valid:
+            table_key(key, valid, "transform() keywords")
+        if key in ("include", "exclude") and not isinstance(value, tuple):
+            value = (value,) if isinstance(value, str) else tuple(value)
+        changes[key] = value
+    return dataclasses.replace(merged, **changes).validate()

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+import regfx
 from regfx.recipe import Recipe, RecipeError
 
 
@@ -59,3 +60,36 @@ def test_round_trip_and_diff() -> None:
     recipe = Recipe(dropout=0.1, spectral="conv", include=("a*",))
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe.diff(recipe.replace(dropout=0.2)) == ["dropout: 0.1 != 0.2"]
+
+
+def test_explicit_keywords_override_the_recipe_even_with_default_values() -> None:
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 4), nn.ReLU(),
+                          nn.Linear(4, 2))
+    plan = regfx.plan(model, regfx.Recipe(dropout=0.1, dropout_after="conv"), dropout_after="linear")
+    assert plan.recipe.dropout_after == "linear"
+    assert [s.layer for s in plan.dropout] == ["3"]
+    off = regfx.plan(model, regfx.Recipe(l2=1e-3, dropout=0.2), l2=0.0, dropout=None)
+    assert off.recipe.l2 == 0.0 and off.penalty is None
+    assert off.recipe.dropout is None and off.dropout == []
+    kept = regfx.plan(model, regfx.Recipe(l2=1e-3, include=("3",)))
+    assert kept.recipe.l2 == 1e-3 and kept.recipe.include == ("3",)
+    assert regfx.plan(model, kept.recipe, include=()).recipe.include == ()
+    assert regfx.plan(model, include="3").recipe.include == ("3",)
+
+
+def test_resolve_recipe_layers_and_errors() -> None:
+    from regfx.recipe import NOT_GIVEN, resolve_recipe
+
+    base = regfx.Recipe(l2=1e-3, dropout=0.1)
+    mid = regfx.Recipe(dropout=0.3)
+    assert resolve_recipe(mid, base).dropout == 0.3
+    assert resolve_recipe(None, base).l2 == 1e-3
+    assert resolve_recipe(None, base, l2=NOT_GIVEN).l2 == 1e-3
+    assert resolve_recipe(None, base, l2=0.0).l2 == 0.0
+    assert repr(NOT_GIVEN) == "NOT_GIVEN"
+    with pytest.raises(regfx.RegfxError, match="unknown key 'dropot'.*did you mean 'dropout'"):
+        resolve_recipe(None, dropot=0.1)
+    with pytest.raises(regfx.RegfxError, match="recipe must be a regfx.Recipe"):
+        resolve_recipe({"dropout": 0.1})  # type: ignore[arg-type]
