@@ -116,15 +116,22 @@ def _import_file(path: Path, spec: str) -> ModuleType:
     if module_spec is None or module_spec.loader is None:
         raise LoadError(f"cannot import {str(path)!r}; give a Python file ending in .py")
     module = importlib.util.module_from_spec(module_spec)
+    # Registered like any import, so that the model's classes can be pickled (torch.save).
+    sys.modules[name] = module
     with _on_sys_path(path.parent.resolve()):
         try:
             module_spec.loader.exec_module(module)
         except SyntaxError as exc:
+            sys.modules.pop(name, None)
             raise LoadError(
                 f"syntax error in {path}:{exc.lineno}: {exc.msg}; fix the file"
             ) from exc
         except Exception as exc:  # noqa: BLE001 - user code; report in one line
+            sys.modules.pop(name, None)
             raise LoadError(f"importing {path} raised {_describe(exc)}; fix the file") from exc
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
     return module
 
 

@@ -139,3 +139,24 @@ def test_old_checkpoints_without_sites_still_load(tmp_path: Path) -> None:
     rebuilt = regfx.load_checkpoint(loaded.model, path)
     x = loaded.example_inputs[0]
     torch.testing.assert_close(rebuilt.eval()(x), out.eval()(x))
+
+
+@pytest.mark.parametrize("recipe", [{"dropout": 0.1, "weight_norm": "linear"},
+                                    {"dropout": 0.1, "spectral": "linear,conv"}])
+def test_torch_save_of_a_baked_model_works_for_every_fixture(fixture_name: str, recipe: dict) -> None:
+    loaded = load_fixture(fixture_name)
+    out = regfx.transform(loaded.model, example_inputs=loaded.inputs(), **recipe)
+    buf = io.BytesIO()
+    torch.save(regfx.bake(out), buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert list(again.state_dict()) == list(loaded.model.state_dict())
+    torch.testing.assert_close(eval_out(again, loaded.example_inputs), eval_out(out, loaded.example_inputs),
+                               rtol=1e-5, atol=1e-5)
+    # the transformed model itself pickles, or says what to save instead
+    try:
+        torch.save(out, io.BytesIO())
+    except regfx.RegfxError as exc:
+        assert "state_dict()" in str(exc) and "save_checkpoint" in str(exc)
+    except RuntimeError as exc:  # torch's own refusal for parametrized modules
+        assert "state_dict()" in str(exc)

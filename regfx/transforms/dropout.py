@@ -15,6 +15,7 @@ hook that calls the attached module.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import linecache
 import re
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regfx.errors import RegfxWarning
+from regfx.errors import RegfxError, RegfxWarning
 from regfx.graph import ModelGraph, is_dropout_module
 from regfx.select import is_inserted_path, is_linear_like, select_layers
 from regfx.trace import trace_module, trace_signature
@@ -457,6 +458,19 @@ def _miss_reporter(label: str) -> Any:
     return miss
 
 
+def _refuse_pickle(self: nn.Module, protocol: Any) -> Any:
+    raise RegfxError(
+        f"{type(self).__name__} at a transformed model runs a forward regfx regenerated, which "
+        "cannot be pickled; save model.state_dict() or regfx.save_checkpoint(model), or pickle "
+        "regfx.bake(model)"
+    )
+
+
+def _deepcopy_module(self: nn.Module, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy`` as for any object (pickling is refused, copying is not)."""
+    return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))  # type: ignore[attr-defined]
+
+
 def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | None = None) -> None:
     current = type(owner)
     base = current.__dict__.get("_regfx_base", current)
@@ -465,6 +479,8 @@ def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | Non
     if cls is None:
         cls = type(base.__name__, (base,), {
             "forward": forward,
+            "__reduce_ex__": _refuse_pickle,
+            "__deepcopy__": _deepcopy_module,
             "_regfx_base": base,
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,

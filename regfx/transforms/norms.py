@@ -170,7 +170,12 @@ def apply_norms(model: nn.Module, sites: list[NormSite]) -> None:
         mod = model.get_submodule(site.layer)
         order = list(mod._parameters)
         if site.kind == "weight_norm":
+            hooks = set(mod._load_state_dict_pre_hooks)
             weight_norm(mod, "weight", dim=site.dim)
+            # torch's weight_norm adds a load_state_dict pre-hook (a local function, which
+            # cannot be pickled) without returning its handle: keep its key to remove it on bake
+            mod.__dict__["_regfx_norm_hooks"] = [k for k in mod._load_state_dict_pre_hooks
+                                                 if k not in hooks]
         else:
             spectral_norm(mod, "weight", n_power_iterations=site.n_power_iterations, dim=site.dim)
         mod.__dict__["_regfx_param_order"] = order
@@ -219,6 +224,8 @@ def fold_norms(model: nn.Module) -> None:
         for m in plist.modules():
             m.training = False  # folding must not advance spectral norm's u/v
         parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        for hook_key in mod.__dict__.pop("_regfx_norm_hooks", ()):
+            mod._load_state_dict_pre_hooks.pop(hook_key, None)
         mod._parameters.pop("weight", None)
         mod._buffers.pop("weight", None)
         mod._parameters["weight"] = folded[key]
