@@ -9,6 +9,13 @@ overflow), and DDP (gradients are already all-reduced; the penalty gradient is t
 rank). The gradient is added with foreach ops, one call per coefficient pair, not a Python loop of
 tensor ops per parameter.
 
+``optimizer.step(closure)`` (PyTorch Lightning's automatic optimization, LBFGS): the closure
+usually zeroes the gradients and runs the backward inside the step, which would erase a gradient
+added before it. There the hook adds nothing itself but hands the step a wrapped closure that adds
+the penalty gradient after every evaluation of the user's closure, and returns the closure's loss
+plus the penalty value (detached), as an explicit loss term would: LBFGS's line search and
+convergence test read that value.
+
 Which parameters are penalized is recorded on the model (``model._regfx_penalty``), so a deep copy
 of a transformed model carries its penalties; a process-wide registry (weak references, never
 keeping a model alive) lets the one global optimizer hook find them.
@@ -199,9 +206,12 @@ def _scratch(params: list[torch.Tensor], bounds: list[tuple[int, int]]) -> list[
     return views
 
 
-def _buckets(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, list[torch.Tensor],
-                                                              list[tuple[int, int]],
-                                                              list[list[torch.Tensor]] | None]]:
+# (l1, l2, params, chunk bounds, sign scratch): one device and dtype
+_Bucket = tuple[float, float, list[torch.Tensor], list[tuple[int, int]],
+                list[list[torch.Tensor]] | None]
+
+
+def _buckets(optimizer: torch.optim.Optimizer) -> list[_Bucket]:
     """``(l1, l2, params, chunk bounds, sign scratch)`` for the penalized parameters of
     ``optimizer``, grouped by coefficients; cached until the registry or the groups change."""
     signature = (_REGISTRY.current, tuple(len(g["params"]) for g in optimizer.param_groups))
@@ -216,22 +226,21 @@ def _buckets(optimizer: torch.optim.Optimizer) -> list[tuple[float, float, list[
                 groups.setdefault(coeffs, []).append(p)
     buckets = []
     for (l1, l2), ps in groups.items():
-        by_device: dict[tuple[str, Any], list[torch.Tensor]] = {}
+        by_device: dict[tuple[torch.device, Any], list[torch.Tensor]] = {}
         for p in ps:
-            by_device.setdefault((p.device.type, p.dtype), []).append(p)
-        for (device_type, _), same in by_device.items():
+            by_device.setdefault((p.device, p.dtype), []).append(p)
+        for (device, _), same in by_device.items():
             # chunks pay off only when several ops touch the same data (L1's sign, then add)
             bounds = _chunk_bounds(same) if l1 else [(0, len(same))]
-            scratch = _scratch(same, bounds) if l1 and device_type == "cpu" else None
+            scratch = _scratch(same, bounds) if l1 and device.type == "cpu" else None
             buckets.append((l1, l2, same, bounds, scratch))
     optimizer.__dict__["_regfx_penalty_cache"] = (signature, buckets)
     return buckets
 
 
-def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if not _REGISTRY.current:
-        return
-    for l1, l2, params, bounds, scratch in _buckets(optimizer):
+def _add_penalty_grads(buckets: list[_Bucket]) -> None:
+    """``w.grad += l1 * sign(w) + l2 * w`` for every bucket, with foreach ops."""
+    for l1, l2, params, bounds, scratch in buckets:
         if any(p.grad is None for p in params):
             for p in params:
                 if p.grad is None:
@@ -255,6 +264,78 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
                     if l2:
                         torch._foreach_add_(signs, v, alpha=l2 / l1)
                     torch._foreach_add_(g, signs, alpha=l1)
+
+
+def _penalty_value(buckets: list[_Bucket], like: torch.Tensor) -> torch.Tensor:
+    """``l1 * sum|w| + (l2 / 2) * sum w**2`` over ``buckets``, detached, as a 0-d tensor with
+    the dtype and device of ``like`` (foreach norms, accumulated in at least float32)."""
+    acc = torch.promote_types(like.dtype, torch.float32)
+    total = torch.zeros((), dtype=acc, device=like.device)
+    with torch.no_grad():
+        for l1, l2, params, _, _ in buckets:
+            values = [p.detach() for p in params]
+            # low-precision weights: norms accumulated and returned in float32 (DTensor's
+            # foreach_norm takes no dtype: there they come back in the weights' dtype)
+            dtensor = hasattr(values[0], "full_tensor")
+            low = values[0].dtype not in (torch.float32, torch.float64)
+            kw: dict[str, Any] = {"dtype": torch.float32} if low and not dtensor else {}
+            part: Any = 0.0
+            if l1:
+                part = l1 * torch.stack(torch._foreach_norm(values, 1, **kw)).to(acc).sum()
+            if l2:
+                norms = torch.stack(torch._foreach_norm(values, 2, **kw)).to(acc)
+                part = part + (l2 / 2) * norms.square().sum()
+            if hasattr(part, "full_tensor"):  # DTensor shards (FSDP2): the global value
+                part = part.full_tensor()
+            total = total + part.to(device=like.device, dtype=acc)
+    return total.to(like.dtype)
+
+
+class _PenalizedClosure:
+    """The user's closure, then the penalty gradient: every evaluation (LBFGS evaluates the
+    closure several times per step) sees the gradient of ``loss + penalty``, whatever the
+    closure did to ``.grad`` (``zero_grad`` included). The returned loss includes the penalty
+    value, as an explicit loss term would, because LBFGS's line search and its convergence test
+    read it; ``None`` stays ``None``."""
+
+    __slots__ = ("closure", "buckets")
+
+    def __init__(self, closure: Any, buckets: list[_Bucket]) -> None:
+        self.closure = closure
+        self.buckets = buckets
+
+    def __call__(self) -> Any:
+        loss = self.closure()
+        _add_penalty_grads(self.buckets)
+        if loss is None:
+            return None
+        if isinstance(loss, torch.Tensor):
+            return loss + _penalty_value(self.buckets, loss)
+        return loss + float(_penalty_value(self.buckets, torch.zeros((), dtype=torch.float64)))
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+    """Without a closure, adds the penalty gradient now, just before the step. With one
+    (``step(closure)``: Lightning, LBFGS), which typically zeroes the gradients and runs the
+    backward, wraps it so the penalty gradient is added after each of its evaluations instead.
+    ``args`` starts with the optimizer itself."""
+    if not _REGISTRY.current:
+        return None
+    buckets = _buckets(optimizer)
+    if not buckets:
+        return None
+    # a closure already wrapped (an optimizer whose step calls another's) is not wrapped twice
+    closure = kwargs.get("closure")
+    if closure is not None:
+        if isinstance(closure, _PenalizedClosure):
+            return None
+        return args, {**kwargs, "closure": _PenalizedClosure(closure, buckets)}
+    if len(args) > 1 and callable(args[1]):
+        if isinstance(args[1], _PenalizedClosure):
+            return None
+        return (args[0], _PenalizedClosure(args[1], buckets), *args[2:]), kwargs
+    _add_penalty_grads(buckets)
+    return None
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
