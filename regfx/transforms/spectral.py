@@ -7,12 +7,16 @@ the same initialization (15 power iterations from the same random draws), the sa
 iteration (``u`` then ``v``, updated in place, only in training mode), the same ``eps``, the same
 value ``W / sigma`` and the same gradient. What differs is the cost of a training step:
 
-- ``sigma = u^T W v`` is not computed with a third matrix-vector product: after the last
-  iteration ``v = W^T u / max(|W^T u|, eps)``, so ``u^T W v = |W^T u|^2 / max(|W^T u|, eps)``,
-  read off the vector just computed.
+- ``sigma = u^H W v`` is not computed with a third matrix-vector product: after the last
+  iteration ``v = W^H u / max(|W^H u|, eps)``, so ``u^H W v = |W^H u|^2 / max(|W^H u|, eps)``,
+  read off the vector just computed (real, also for complex weights). ``^H`` is the conjugate
+  transpose, as in torch's; for real weights it is the transpose.
 - The backward is one fused function instead of autograd through ``mv``, ``vdot`` and ``div``:
-  ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T`` as one scaling, one dot product and one
-  in-place rank-1 update (``addr_``): three passes over the weight instead of about five.
+  ``dL/dW = G / sigma - (<W, G> / sigma^2) u v^H`` as one scaling, one dot product and one
+  in-place rank-1 update (``addr_``): three passes over the weight instead of about five. When
+  the backward itself is differentiated (``create_graph=True``: gradient penalties, Hessian-
+  vector products) it runs as differentiable torch ops instead, recomputing ``sigma = u^H W v``
+  from the weight, so that second-order gradients are torch's.
 - Before each training forward of the transformed model (a forward pre-hook installed by
   :func:`install`), the power iterations of all its spectral norms advance together. On CPUs
   (:func:`foreach_step`): one matrix-vector product per layer and per half-step, and every
@@ -38,7 +42,6 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
@@ -53,36 +56,60 @@ def _to_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.flatten(1)
 
 
-class _DivideBySigma(torch.autograd.Function):
-    """``weight / sigma`` where ``sigma = u^T W_mat v`` with ``u``, ``v`` held constant.
+def _from_matrix(mat: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_to_matrix` for a ``(h, w)`` matrix and a weight of ``shape``."""
+    if dim == 0:
+        return mat if mat.shape == shape else mat.reshape(shape)  # a view where it can be
+    moved = list(shape)
+    moved.insert(0, moved.pop(dim))
+    return mat.reshape(moved).movedim(0, dim)
 
-    Takes ``inv_sigma = 1 / sigma`` and ``u_scaled = -u / sigma^2`` precomputed, so the backward
-    ``G / sigma - (<G, W> / sigma^2) u v^T`` is a dot product, a scale and one ``addr_``.
+
+def differentiable_grad(grad: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                        dim: int) -> torch.Tensor:
+    """The gradient of ``weight / sigma``, ``sigma = u^H W_mat v`` (``u``, ``v`` constant, as in
+    torch's), with respect to ``weight`` for the incoming ``grad``, written in differentiable
+    torch ops: what the backward computes when it is itself differentiated (``create_graph``).
+
+    ``sigma`` is recomputed from ``weight`` so that its dependence on the weight is in the graph;
+    with ``s = 1 / conj(sigma)``: ``dL/dW = G s - <W, G> s^2 u v^H`` (torch's convention for
+    complex gradients, which for real weights is the usual one)."""
+    w_mat = _to_matrix(weight, dim)
+    g_mat = _to_matrix(grad, dim)
+    s = torch.vdot(u, torch.mv(w_mat, v)).reciprocal().conj()
+    dot = torch.vdot(w_mat.reshape(-1), g_mat.reshape(-1))
+    out = g_mat * s - torch.outer(u * (dot * s * s), v.conj())
+    return _from_matrix(out, dim, weight.shape)
+
+
+class _DivideBySigma(torch.autograd.Function):
+    """``weight / sigma`` where ``sigma = u^H W_mat v`` with ``u``, ``v`` held constant.
+
+    Takes ``inv_sigma = 1 / sigma`` and ``u_scaled = -u / conj(sigma)^2`` precomputed (``sigma``
+    is real after a power iteration step, but need not be), so the backward
+    ``G / conj(sigma) - (<W, G> / conj(sigma)^2) u v^H`` is a dot product, a scale and one
+    ``addr_``. Differentiated again (``create_graph=True``), the backward is
+    :func:`differentiable_grad` instead.
     """
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, inv_sigma: torch.Tensor, u_scaled: torch.Tensor,
-                v: torch.Tensor, dim: int) -> torch.Tensor:
-        ctx.save_for_backward(weight, inv_sigma, u_scaled, v)
+    def forward(ctx: Any, weight: torch.Tensor, inv_sigma: torch.Tensor, u: torch.Tensor,
+                u_scaled: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.save_for_backward(weight, inv_sigma, u, u_scaled, v)
         ctx.dim = dim
         return weight * inv_sigma
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight, inv_sigma, u_scaled, v = ctx.saved_tensors
+        weight, inv_sigma, u, u_scaled, v = ctx.saved_tensors
         dim = ctx.dim
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated
+            return differentiable_grad(grad, weight, u, v, dim), None, None, None, None, None
         g_mat = _to_matrix(grad, dim)
         w_mat = _to_matrix(weight, dim)
-        out = g_mat * inv_sigma  # a fresh tensor in matrix layout
-        out.addr_(u_scaled * torch.vdot(g_mat.reshape(-1), w_mat.reshape(-1)), v)
-        if dim == 0:
-            result = out if out.shape == grad.shape else out.view(grad.shape)
-        else:
-            moved = list(grad.shape)
-            moved.insert(0, moved.pop(dim))
-            result = out.view(moved).movedim(0, dim)
-        return result, None, None, None, None
+        out = g_mat * inv_sigma.conj()  # a fresh tensor in matrix layout (conj: free if real)
+        out.addr_(u_scaled * torch.vdot(w_mat.reshape(-1), g_mat.reshape(-1)), v.conj())
+        return _from_matrix(out, dim, grad.shape), None, None, None, None, None
 
 
 def power_iteration_batched(mats: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
@@ -92,7 +119,8 @@ def power_iteration_batched(mats: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     ``u`` (B, h) and ``v`` (B, w)."""
     for _ in range(n):
         u = F.normalize(torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1), dim=1, eps=eps)
-        v = F.normalize(torch.bmm(u.unsqueeze(1), mats).squeeze(1), dim=1, eps=eps)
+        # W^H u as the row (u^H W)^*; conj() is free on real tensors (returns them as they are)
+        v = F.normalize(torch.bmm(u.conj().unsqueeze(1), mats).squeeze(1).conj(), dim=1, eps=eps)
     return u, v
 
 
@@ -111,24 +139,29 @@ class SpectralNorm(_SpectralNorm):
                 return pending[2]  # type: ignore[no-any-return]
             if kind == "scale":  # batched_step: 1/sigma, differentiable
                 return weight * pending[2]
-            return _DivideBySigma.apply(weight, pending[2], pending[3], pending[4], self.dim)  # type: ignore[no-any-return]
+            return _DivideBySigma.apply(weight, *pending[2:], self.dim)  # type: ignore[no-any-return]
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
         with torch.no_grad():
             for i in range(self.n_power_iterations):
                 w_v = torch.mv(weight_mat, self._v)
-                torch.div(w_v, torch.linalg.vector_norm(w_v).clamp_min_(eps), out=self._u)
-                w_t_u = torch.mv(weight_mat.t(), self._u)
+                if i + 1 < self.n_power_iterations:
+                    torch.div(w_v, torch.linalg.vector_norm(w_v).clamp_min_(eps), out=self._u)
+                    u = self._u
+                else:  # a fresh tensor: saved for backward, then the new _u
+                    u = w_v.div_(torch.linalg.vector_norm(w_v).clamp_min_(eps))
+                    self._u.copy_(u)
+                w_t_u = torch.mv(weight_mat.mH, u)  # the conjugate transpose, as torch's
                 norm = torch.linalg.vector_norm(w_t_u)
                 clamped = norm.clamp_min(eps)
                 if i + 1 < self.n_power_iterations:
                     torch.div(w_t_u, clamped, out=self._v)
             v = w_t_u.div_(clamped)  # a fresh tensor: saved for backward, then the new _v
             self._v.copy_(v)
-            # sigma = u^T W v = |W^T u|^2 / max(|W^T u|, eps); keep 1/sigma and -u/sigma^2
+            # sigma = u^H W v = |W^H u|^2 / max(|W^H u|, eps); keep 1/sigma and -u/sigma^2
             inv_sigma = clamped.div_(norm * norm)
-            u_scaled = self._u * inv_sigma.square().neg_()
-        return _DivideBySigma.apply(weight, inv_sigma.to(weight.dtype), u_scaled, v, self.dim)  # type: ignore[no-any-return]
+            u_scaled = u * inv_sigma.square().neg_()
+        return _DivideBySigma.apply(weight, inv_sigma.to(weight.dtype), u, u_scaled, v, self.dim)  # type: ignore[no-any-return]
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
@@ -149,10 +182,11 @@ def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
     """Advance the power iteration of many spectral norms at once and compute their ``sigma``.
 
     For each group of same-shaped weights: one stacked copy of the weights, one batched product
-    per power-iteration half-step, and ``sigma = u^T W v`` as one batched product that autograd
-    differentiates (so the gradient through ``sigma`` is torch's). Each parametrization gets
-    its ``1 / sigma`` for its next forward, which is then one multiplication. ``norms`` pairs each
-    parametrization with its stored weight. Called before a training forward of the model.
+    per power-iteration half-step, and ``sigma = u^H W v`` as one batched product that autograd
+    differentiates (so the gradient through ``sigma`` is torch's, to any order). Each
+    parametrization gets its ``1 / sigma`` for its next forward, which is then one
+    multiplication. ``norms`` pairs each parametrization with its stored weight. Called before a
+    training forward of the model.
     """
     groups: dict[tuple[Any, ...], list[tuple[SpectralNorm, torch.Tensor]]] = {}
     for sn, weight in norms:
@@ -172,7 +206,7 @@ def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
                 u, v = power_iteration_batched(mats.detach(), u0, v0, n, eps)
                 torch._foreach_copy_([sn._u for sn, _ in members], list(u.unbind(0)))
                 torch._foreach_copy_([sn._v for sn, _ in members], list(v.unbind(0)))
-            sigma = torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1).mul(u).sum(1)
+            sigma = torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1).mul(u.conj()).sum(1)  # u^H W v
             inv = sigma.reciprocal()
         for (sn, weight), inv_i in zip(members, inv.unbind(0), strict=True):
             sn.__dict__["_regfx_pending"] = ("scale", weight._version, inv_i)
@@ -181,7 +215,7 @@ def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
 def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
     """Advance the power iteration of many spectral norms with one matrix-vector product per
     layer and everything else as a handful of foreach ops over all layers, then leave each its
-    ``1/sigma``, ``-u/sigma^2`` and ``v`` for its next forward (the CPU counterpart of
+    ``1/sigma``, ``u``, ``-u/sigma^2`` and ``v`` for its next forward (the CPU counterpart of
     :func:`batched_step`, for which stacking costs more than it saves)."""
     members = [(sn, w) for sn, w in norms if w.ndim >= 2 and sn.training]
     if len(members) < 2:
@@ -191,32 +225,34 @@ def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
            for sn, _ in members):
         return  # mixed settings: each layer iterates on its own
     mats = [sn._reshape_weight_to_matrix(w) for sn, w in members]
-    inv, u_scaled, new_v = _iterate(mats, [sn._u for sn, _ in members], [sn._v for sn, _ in members],
-                                    members[0][0].n_power_iterations, eps)
-    for (sn, weight), inv_i, u_i, v_i in zip(members, inv, u_scaled, new_v, strict=True):
-        sn.__dict__["_regfx_pending"] = ("divide", weight._version, inv_i, u_i, v_i)
+    inv, new_u, u_scaled, new_v = _iterate(mats, [sn._u for sn, _ in members],
+                                           [sn._v for sn, _ in members],
+                                           members[0][0].n_power_iterations, eps)
+    for (sn, weight), *scalars in zip(members, inv, new_u, u_scaled, new_v, strict=True):
+        sn.__dict__["_regfx_pending"] = ("divide", weight._version, *scalars)
 
 
 def _iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor], n: int,
-             eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+             eps: float) -> tuple[list[torch.Tensor], ...]:
     """``n`` power iterations of every matrix in ``mats``, updating ``us``/``vs`` in place:
     one ``mv`` per matrix and half-step, every vector operation one foreach op over all.
-    Returns ``1/sigma``, ``-u/sigma^2`` and a fresh copy of the new ``v`` for each."""
+    Returns ``1/sigma`` (real), fresh copies of the new ``u``, ``-u/sigma^2`` and a fresh copy
+    of the new ``v`` for each. Complex matrices iterate with the conjugate transpose, as torch's."""
     with torch.no_grad():
         for _ in range(n):
             w_v = [torch.mv(m, v) for m, v in zip(mats, vs, strict=True)]
             new_u = torch._foreach_div(w_v, torch._foreach_clamp_min(torch._foreach_norm(w_v), eps))
             torch._foreach_copy_(us, new_u)
-            w_t_u = [torch.mv(m.t(), u) for m, u in zip(mats, us, strict=True)]
+            w_t_u = [torch.mv(m.mH, u) for m, u in zip(mats, us, strict=True)]
             norms_v = torch._foreach_norm(w_t_u)
             clamped = torch._foreach_clamp_min(norms_v, eps)
             new_v = torch._foreach_div(w_t_u, clamped)
             torch._foreach_copy_(vs, new_v)
-        # sigma = |W^T u|^2 / max(|W^T u|, eps); keep 1/sigma and -u/sigma^2
+        # sigma = |W^H u|^2 / max(|W^H u|, eps); keep 1/sigma and -u/sigma^2
         inv = torch._foreach_div(clamped, torch._foreach_mul(norms_v, norms_v))
         neg_inv2 = torch._foreach_neg(torch._foreach_mul(inv, inv))
         u_scaled = torch._foreach_mul(new_u, neg_inv2)
-    return list(inv), list(u_scaled), list(new_v)
+    return list(inv), list(new_u), list(u_scaled), list(new_v)
 
 
 def collect(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:

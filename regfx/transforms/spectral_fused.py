@@ -9,7 +9,8 @@ through all of them. Here the whole work for all layers of a model is two operat
   weight's strides); each layer's parametrization then just hands out its own;
 - in the backward, the same function receives the gradients of all normalized weights at once,
   copies them into one flat buffer and computes every
-  ``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T``.
+  ``dL/dW = G / sigma - (<W, G> / sigma^2) u v^H`` (``^H``: conjugate transpose, as in torch's
+  power iteration, which complex weights iterate with too).
 
 Each of the two is a fixed sequence of kernels over tensors that stay where they are between
 steps (the weights, the ``u``/``v`` buffers, and static input/output buffers), so on CUDA each is
@@ -21,8 +22,11 @@ dtype or shape. The arithmetic is :func:`regfx.transforms.spectral.foreach_step`
 while compiling or capturing) the same bodies run eagerly.
 
 Semantics are torch's: ``u``/``v`` advance once per training forward, a layer used twice in one
-forward iterates again for its second use, a layer not called gets no gradient (``None``), and
-changing a weight in place between forward and backward raises autograd's usual error.
+forward iterates again for its second use, a layer not called gets no gradient (``None``),
+changing a weight in place between forward and backward raises autograd's usual error, and a
+backward that is itself differentiated (``create_graph=True``) runs each layer's gradient as
+differentiable torch ops (:func:`regfx.transforms.spectral.differentiable_grad`), so that
+second-order gradients are torch's; that backward runs eagerly, never as a graph.
 """
 
 from __future__ import annotations
@@ -33,10 +37,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..errors import RegfxWarning
-from .spectral import SpectralNorm, _iterate, _to_matrix
+from .spectral import SpectralNorm, _from_matrix, _iterate, _to_matrix, differentiable_grad
 
 __all__ = ["FusedSpectral", "eligible", "fused_step", "forget"]
 
@@ -48,15 +51,6 @@ def _dense_order(t: torch.Tensor) -> list[int] | None:
     strides = t.stride()
     order = sorted(range(t.ndim), key=lambda d: (-strides[d], d))
     return order if t.permute(order).is_contiguous() else None
-
-
-def _from_matrix(mat: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
-    """The inverse of :func:`_to_matrix` for a ``(h, w)`` matrix and a weight of ``shape``."""
-    if dim == 0:
-        return mat.view(shape)
-    moved = list(shape)
-    moved.insert(0, moved.pop(dim))
-    return mat.view(moved).movedim(0, dim)
 
 
 def eligible(members: Members) -> bool:
@@ -92,10 +86,11 @@ class FusedSpectral:
             offsets.append(offsets[-1] + n)
         self.layout = [(tuple(w.shape), tuple(w.stride()), off)
                        for w, off in zip(self.weights, offsets, strict=True)]
-        # scalars per layer in one flat buffer: 1/sigma, -u/sigma^2 (h values), v (w values)
+        # scalars per layer in one flat buffer: 1/sigma, u and -u/sigma^2 (h values each),
+        # v (w values)
         self.scalar_sizes = []
         for sn, _ in members:
-            self.scalar_sizes += [1, sn._u.numel(), sn._v.numel()]
+            self.scalar_sizes += [1, sn._u.numel(), sn._u.numel(), sn._v.numel()]
         self.forward_calls = 0
         self.backward_calls = 0
         self.fwd_graph: Any = None
@@ -114,8 +109,10 @@ class FusedSpectral:
         return [flat.as_strided(shape, stride, base + off) for shape, stride, off in self.layout]
 
     def scalar_views(self, flat: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+        """Per-layer views of a scalars buffer: ``1/sigma``, ``u``, ``-u/sigma^2``, ``v``."""
         parts = flat.split(self.scalar_sizes)
-        return [p.view(()) for p in parts[0::3]], list(parts[1::3]), list(parts[2::3])
+        return ([p.view(()) for p in parts[0::4]], list(parts[1::4]), list(parts[2::4]),
+                list(parts[3::4]))
 
     def new_weights(self) -> torch.Tensor:
         w = self.weights[0]
@@ -130,34 +127,36 @@ class FusedSpectral:
     def forward_body(self, us: list[torch.Tensor], vs: list[torch.Tensor], out_w: torch.Tensor,
                      out_s: torch.Tensor) -> None:
         """Advance the power iterations (``us``/``vs`` in place); write ``W / sigma`` into
-        ``out_w`` and ``1/sigma``, ``-u/sigma^2``, ``v`` into ``out_s``."""
+        ``out_w`` and ``1/sigma``, ``u``, ``-u/sigma^2``, ``v`` into ``out_s``."""
         # in fp32 (or the weights' dtype) under autocast too, like the per-layer path
         with torch.no_grad(), torch.autocast(self.weights[0].device.type, enabled=False):
             mats = [_to_matrix(w, sn.dim) for sn, w in self.members]
-            inv, u_scaled, new_v = _iterate(mats, us, vs, self.n, self.eps)
-            inv_out, u_out, v_out = self.scalar_views(out_s)
+            inv, new_u, u_scaled, new_v = _iterate(mats, us, vs, self.n, self.eps)
+            inv_out, u_out, u_scaled_out, v_out = self.scalar_views(out_s)
             torch._foreach_copy_(inv_out, inv)
-            torch._foreach_copy_(u_out, u_scaled)
+            torch._foreach_copy_(u_out, new_u)
+            torch._foreach_copy_(u_scaled_out, u_scaled)
             torch._foreach_copy_(v_out, new_v)
             for w, i, o in zip(self.weights, inv, self.weight_views(out_w), strict=True):
                 torch.mul(w, i, out=o)
 
     def backward_body(self, grad: torch.Tensor, scalars: torch.Tensor, out: torch.Tensor) -> None:
-        """``dL/dW = G / sigma - (<G, W> / sigma^2) u v^T`` for every layer, into ``out``
+        """``dL/dW = G / sigma - (<W, G> / sigma^2) u v^H`` for every layer, into ``out``
         (which may be ``grad`` itself)."""
         with torch.no_grad():
-            inv, u_scaled, v = self.scalar_views(scalars)
+            inv, _, u_scaled, v = self.scalar_views(scalars)
             grads = self.weight_views(grad)
             outs = self.weight_views(out)
             flat_g = grad.split(self.numels)
             for (sn, w), g, g_flat, o, order, i, u_i, v_i in zip(
                     self.members, grads, flat_g, outs, self.orders, inv, u_scaled, v, strict=True):
-                dot = torch.vdot(g_flat, w.permute(order).reshape(-1))  # same element order
+                dot = torch.vdot(w.permute(order).reshape(-1), g_flat)  # same element order
                 torch.mul(g, i, out=o)
+                # conj() is free on real tensors (returns them as they are)
                 if sn.dim == 0 and o.ndim == 2:
-                    o.addr_(u_i * dot, v_i)
+                    o.addr_(u_i * dot, v_i.conj())
                 else:
-                    o.add_(_from_matrix(torch.outer(u_i * dot, v_i), sn.dim, w.shape))
+                    o.add_(_from_matrix(torch.outer(u_i * dot, v_i.conj()), sn.dim, w.shape))
 
     # -- running them -----------------------------------------------------------------------------
 
@@ -267,12 +266,17 @@ class _NormalizeAll(torch.autograd.Function):
         return tuple(fused.weight_views(out_w))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         fused: FusedSpectral = ctx.fused
         scalars = ctx.saved_tensors[0]
         if all(g is None for g in grads):
             return (None,) * (len(grads) + 1)
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated
+            weights = ctx.saved_tensors[1:]
+            _, us, _, vs = fused.scalar_views(scalars)
+            return (None, *(None if g is None else differentiable_grad(g, w, u, v, sn.dim)
+                            for g, w, u, v, (sn, _) in zip(grads, weights, us, vs, fused.members,
+                                                           strict=True)))
         if not fused.current():  # a weight moved since the forward (model.to): run eagerly
             fused = FusedSpectral(fused.members, use_graphs=False)
         views = fused.weight_views(fused.backward(grads, scalars))
