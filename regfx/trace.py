@@ -187,14 +187,16 @@ def trace_signature(module: nn.Module) -> tuple[Any, ...]:
     """A key under which two modules trace to the same one-level graph.
 
     The class, every instance attribute (plain values by value, anything else by identity), and
-    for each child its name, class and attributes (a forward may branch on
-    ``self.conv.stride``), which parameters and buffers exist, and the training flag. Two
-    blocks of a deep stack share a key; a block whose flag or child differs does not. Used to
-    trace each distinct block once (per call-site specialization).
+    for each child its name, class, attributes (a forward may branch on ``self.conv.stride``) and
+    the names of its own children (a forward may loop over ``self.blocks``), which parameters
+    and buffers exist, and the training flag. Two blocks of a deep stack share a key; a block
+    whose flag or child differs does not. Used to trace each distinct block once (per call-site
+    specialization).
     """
     return (
         type(module), _attrs_key(module),
-        tuple((n, type(c), _attrs_key(c) if c is not None else ())
+        tuple((n, type(c), _attrs_key(c) if c is not None else (),
+               tuple(c._modules) if c is not None else ())  # a loop over a child's children
               for n, c in module._modules.items()),
         tuple((n, p is None) for n, p in module._parameters.items()),
         tuple((n, b is None) for n, b in module._buffers.items()),
@@ -537,8 +539,11 @@ class _Builder:
                     self._module_node(name, self._next_call(name), _EMPTY, owner=None, region=None,
                                       opaque=False, fx_name=None, called=False)
                 continue
-            if not is_leaf_layer(mod) and self._descendants_covered(name):
-                continue  # reached through ``self.block.forward(x)`` of a traced parent
+            if not is_leaf_layer(mod) and self._some_descendant_covered(name):
+                # Its children were called directly (``self.block.forward(x)``, a loop over a
+                # Sequential's children): tracing it on its own would invent second calls. Its
+                # layers that were not reached get nodes of their own in this loop.
+                continue
             if is_leaf_layer(mod):
                 # with no opaque region, every call is known: a layer no forward reached never runs
                 known = not self.opaque
@@ -547,11 +552,9 @@ class _Builder:
             else:
                 self.call(name, [], {}, None, owner=None, region=name, fx_name=None)
 
-    def _descendants_covered(self, name: str) -> bool:
+    def _some_descendant_covered(self, name: str) -> bool:
         prefix = name + "."
-        leaves = [n for n, m in self.modules.items() if n.startswith(prefix) and is_leaf_layer(m)
-                  and not is_inserted_path(n)]
-        return bool(leaves) and all(n in self.covered for n in leaves)
+        return any(n.startswith(prefix) for n in self.covered)
 
     def _enclosing_layer(self, name: str) -> str | None:
         """The leaf layer that owns ``name`` (``attn`` for ``attn.out_proj``), if any."""

@@ -8,6 +8,7 @@ import torch
 import regfx
 
 from .helpers import eval_out
+from .transforms.test_placement import count_runs, inserted, transform_quietly
 
 
 def _cases():  # type: ignore[no-untyped-def]
@@ -76,3 +77,84 @@ def test_audit_untouched_and_transformed(name: str) -> None:
     for rec in after.params:
         if rec.layer_type in ("linear", "conv") and rec.name.endswith(".weight"):
             assert {"spectral_norm", "l1"} <= rec.kinds(), rec.name
+
+
+# -- what a user gets in training --------------------------------------------------------------
+
+RECIPE = {"dropout": 0.2, "dropout_after": "linear,conv"}
+FEEDS_ATTENTION = "feeds attention; use attention dropout"
+# Projections whose output becomes a query, key or value.
+ATTENTION_PROJECTIONS = ("q", "k", "v", "qkv", "query", "key", "value", "q_lin", "k_lin", "v_lin",
+                         "in_proj", "q_proj", "k_proj", "v_proj")
+# Per model: (attention module name suffix, its q/k/v projections, its output projection).
+ATTENTION = {
+    "t5": (("SelfAttention", "EncDecAttention"), ("q", "k", "v"), "o"),
+    "vit": (("attention",), ("q_proj", "k_proj", "v_proj"), "o_proj"),
+    "distilbert": (("attention",), ("q_lin", "k_lin", "v_lin"), "out_lin"),
+}
+NAMES = ["t5", "vit", "distilbert", "resnet"]
+
+
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """Small inputs: one intra-op thread is faster (on a busy 2-core machine, several times)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def skipped_reasons(plan: regfx.Plan) -> dict[str, str]:
+    """Layer (call index dropped) -> why the dropout plan left it alone."""
+    return {site.split("#")[0]: why for site, kind, why in plan.skipped if kind == "dropout"}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", NAMES)
+def test_every_inserted_dropout_runs_in_training(name: str) -> None:
+    torch.manual_seed(0)
+    build, inputs = _cases()[name]
+    model = build().eval()
+    plan = regfx.plan(model, **RECIPE, example_inputs=inputs)
+    out = transform_quietly(model, **RECIPE, example_inputs=inputs)
+    assert len(inserted(out)) == len(plan.dropout) > 0
+    # every selected layer is a site or skipped with a reason
+    skipped = skipped_reasons(plan)
+    sites = {s.layer for s in plan.dropout}
+    assert {n for n, _ in regfx.select_layers(model, RECIPE["dropout_after"])} == sites | set(skipped)
+    # no dropout after a projection that feeds attention; the output projection is a site
+    for layer in {n.rsplit(".", 1)[0] for n in inserted(out)}:
+        assert layer.rsplit(".", 1)[-1] not in ATTENTION_PROJECTIONS, layer
+    if name in ATTENTION:
+        owners, projections, output = ATTENTION[name]
+        attention = [n for n, _ in model.named_modules() if n.endswith(owners)]
+        assert attention
+        for attn in attention:
+            for proj in projections:
+                assert skipped[f"{attn}.{proj}"] == FEEDS_ATTENTION, f"{attn}.{proj}"
+            assert f"{attn}.{output}" in sites
+    # one training forward runs each of them
+    runs = count_runs(out)
+    out.train()(**inputs)
+    assert sorted(set(runs)) == sorted(inserted(out))
+    # transforming again with the same arguments changes nothing
+    twice = transform_quietly(out, **RECIPE, example_inputs=inputs)
+    assert [n for n, _ in twice.named_modules()] == [n for n, _ in out.named_modules()]
+    assert list(twice.state_dict()) == list(out.state_dict())
+    assert torch.equal(eval_out(twice, inputs), eval_out(out, inputs))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", NAMES)
+def test_no_logit_zeroed_in_training(name: str) -> None:
+    torch.manual_seed(0)
+    build, inputs = _cases()[name]
+    model = build().eval()
+    # p=0.5: a dropout on the head would zero about half of the logits
+    out = transform_quietly(model, dropout=0.5, dropout_after=RECIPE["dropout_after"], example_inputs=inputs)
+    assert inserted(out)
+    expected = eval_out(model, inputs)
+    assert expected.all()  # else a zeroed logit could not be told from a zero one
+    torch.manual_seed(0)
+    logits = out.train()(**inputs).logits
+    assert not ((logits == 0) & (expected != 0)).any(), "an inserted dropout zeroed a logit"

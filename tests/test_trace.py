@@ -417,3 +417,50 @@ def test_meta_device_model_is_observed_where_its_forward_runs() -> None:
     assert graph.inputs is not None and "first layer" in graph.inputs
     assert graph.fully_traced
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_loop_over_a_sequential_with_an_unused_module_makes_no_phantom_call() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attn_drop = nn.Dropout(0.0)  # never called
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(Block(), Block())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for blk in self.blocks:
+                x = blk(x)
+            return self.head(x)
+
+    graph = regfx.trace(Net())
+    assert graph.calls("blocks.0.fc") == ["blocks.0.fc#0"]
+    assert [graph.nx.nodes[c]["called"] for c in graph.calls("blocks.0.attn_drop")] == [False]
+    out = regfx.transform(Net(), dropout=0.2)
+    assert not any(n.endswith("regfx_dropout_1") for n, _ in out.named_modules())
+
+
+def test_stages_of_different_lengths_do_not_share_a_trace() -> None:
+    class Stage(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(n)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Stage(1), Stage(3))
+    plan = regfx.plan(model, dropout=0.5)
+    assert [s for s, _, why in plan.skipped if why == "output layer"] == ["2.blocks.2.0#0"]
+    graph = regfx.trace(model)
+    assert graph.producers(graph.calls("2.blocks.2.0")[0]) == ["2.blocks.1.1#0"]
