@@ -222,7 +222,31 @@ def plan_dropout(
 
 
 # Calls that checkpoint a block: torch.utils.checkpoint's, timm's checkpoint_seq, transformers'
-_CHECKPOINT_CALL = re.compile(r"\b(checkpoint(_seq|_sequential)?|_gradient_checkpointing_func)\s*\(")
+# Names a forward uses to checkpoint a block: torch.utils.checkpoint's, timm's, transformers'
+_CHECKPOINT_NAMES = frozenset({"checkpoint", "checkpoint_seq", "checkpoint_sequential",
+                               "_gradient_checkpointing_func"})
+
+
+def _names_used(cls: type) -> frozenset[str]:
+    """Every global and attribute name the methods of ``cls`` (and its bases other than
+    ``nn.Module``) use, nested functions included: read from their code objects, which is
+    what a forward can reach through ``self`` without parsing any source."""
+    names: set[str] = set()
+    codes = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for value in vars(klass).values():
+            func = getattr(value, "__func__", value)
+            func = getattr(func, "fget", func)
+            code = getattr(func, "__code__", None)
+            if code is not None:
+                codes.append(code)
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+    return frozenset(names)
 
 
 def _not_regenerable(model: nn.Module, owner: str, cache: dict[type, str]) -> str:
@@ -238,11 +262,8 @@ def _not_regenerable(model: nn.Module, owner: str, cache: dict[type, str]) -> st
     found = cache.get(cls)
     if found is None:
         found = ""
-        try:  # the whole class: a forward may checkpoint through a helper method
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            source = ""
-        if _CHECKPOINT_CALL.search(source):
+        # the whole class: a forward may checkpoint through a helper method
+        if _names_used(cls) & _CHECKPOINT_NAMES:
             found = f"{cls.__name__}.forward uses gradient checkpointing, edited at module boundaries"
         cache[cls] = found
     return found
@@ -352,19 +373,10 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
 
 
 def _reads_training(cls: type) -> bool:
-    """Whether torch.fx may fix ``self.training`` in a trace of ``cls``'s forward: the class
-    (or a base class other than ``nn.Module``) mentions ``training`` in its source. Only then is the forward
-    traced in both modes."""
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            return True  # no source to read: trace both modes
-        if "training" in source:
-            return True
-    return False
+    """Whether torch.fx may fix ``self.training`` in a trace of ``cls``'s forward: a method of
+    the class (or of a base other than ``nn.Module``) reads a name ``training``. Only then is
+    the forward traced in both modes."""
+    return "training" in _names_used(cls)
 
 
 def _same_value(value: Any, expected: Any) -> bool:
