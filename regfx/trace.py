@@ -183,6 +183,15 @@ def _attrs_key(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
     return tuple(attrs)
 
 
+def _class_key(module: nn.Module | None) -> Any:
+    """A child's class, seen through torch's per-instance ``Parametrized*`` classes (every
+    parametrized layer gets a class of its own; a one-level trace only calls it)."""
+    cls = type(module)
+    if module is not None and getattr(cls, "__module__", "") == "torch.nn.utils.parametrize":
+        return (cls.__bases__[0], "parametrized", tuple(module.parametrizations))  # type: ignore[union-attr, arg-type]
+    return cls
+
+
 def trace_signature(module: nn.Module) -> tuple[Any, ...]:
     """A key under which two modules trace to the same one-level graph.
 
@@ -195,7 +204,7 @@ def trace_signature(module: nn.Module) -> tuple[Any, ...]:
     """
     return (
         type(module), _attrs_key(module),
-        tuple((n, type(c), _attrs_key(c) if c is not None else (),
+        tuple((n, _class_key(c), _attrs_key(c) if c is not None else (),
                tuple(c._modules) if c is not None else ())  # a loop over a child's children
               for n, c in module._modules.items()),
         tuple((n, p is None) for n, p in module._parameters.items()),
