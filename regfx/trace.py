@@ -604,14 +604,21 @@ def _sdpa_dropout_p(node: fx.Node) -> float | None:
 # -- leaving the model as it was --------------------------------------------------------------
 
 
+_EMPTY_CONTAINER = ()
+
+
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]:
-    """Every module's ``__dict__`` and a shallow copy of each container in it."""
+    """Every module's ``__dict__`` and a shallow copy of each container in it (an empty one,
+    such as most hook tables, is only marked empty)."""
     out = []
     for mod in model.modules():
         attrs = dict(mod.__dict__)
         contents: dict[str, Any] = {}
         for key, value in attrs.items():
             if type(value) in (dict, list, set) or isinstance(value, dict):
+                if not value:
+                    contents[key] = _EMPTY_CONTAINER
+                    continue
                 try:
                     contents[key] = value.copy()
                 except Exception:  # noqa: BLE001 - a container that cannot be copied is skipped
@@ -624,14 +631,18 @@ def _restore(snapshot: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]) -
     """Put back every attribute a trace or the example forward wrote."""
     for mod, attrs, contents in snapshot:
         current = mod.__dict__
-        for key in [k for k in current if k not in attrs]:
-            del current[key]
+        if len(current) != len(attrs) or any(k not in attrs for k in current):
+            for key in [k for k in current if k not in attrs]:
+                del current[key]
         for key, value in attrs.items():
             if current.get(key, _MISSING) is not value:
                 current[key] = value
         for key, saved in contents.items():
             value = current[key]
-            if _changed(value, saved):
+            if saved is _EMPTY_CONTAINER:
+                if value:
+                    value.clear()
+            elif _changed(value, saved):
                 value.clear()
                 value.update(saved) if not isinstance(value, list) else value.extend(saved)
 
