@@ -44,6 +44,17 @@ def fixture_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """Small inputs: one intra-op thread is faster (on a busy 2-core machine, several times)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 GOLDEN = ROOT / "tests" / "golden"
 
 

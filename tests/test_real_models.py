@@ -95,15 +95,6 @@ ATTENTION = {
 NAMES = ["t5", "vit", "distilbert", "resnet"]
 
 
-@pytest.fixture
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small inputs: one intra-op thread is faster (on a busy 2-core machine, several times)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def skipped_reasons(plan: regfx.Plan) -> dict[str, str]:
     """Layer (call index dropped) -> why the dropout plan left it alone."""
     return {site.split("#")[0]: why for site, kind, why in plan.skipped if kind == "dropout"}

@@ -116,15 +116,6 @@ ATTENTION_PROJECTIONS = ("q", "k", "v", "qkv", "query", "key", "value", "q_lin",
 FEEDS_ATTENTION = "feeds attention; use attention dropout"
 
 
-@pytest.fixture
-def one_thread():  # type: ignore[no-untyped-def]
-    """Small inputs: one intra-op thread is faster (on a busy 2-core machine, several times)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def layer_of(dropout_name: str) -> str:
     """``blocks.0.mlp.fc1.regfx_dropout_1`` -> ``blocks.0.mlp.fc1``."""
     return dropout_name.rsplit(".", 1)[0]
