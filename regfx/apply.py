@@ -121,6 +121,9 @@ def _merge(recipe: Recipe | None, overrides: dict[str, Any]) -> Recipe:
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise RegfxError(f"expected an nn.Module, got {type(model).__name__}; pass the model")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise RegfxError("script modules cannot be transformed; pass the eager module (the one "
+                         "given to torch.jit.script)")
     wrapped = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     if isinstance(model, wrapped):
         raise RegfxError(

@@ -284,6 +284,9 @@ def resolve_recipe(recipe: Recipe | None = None, base: Recipe | None = None,
         if key not in valid:
             table_key(key, valid, "transform() keywords")
         if key in ("include", "exclude") and not isinstance(value, tuple):
+            if not isinstance(value, (str, list)):
+                raise RecipeError(f"{key} must be a glob string or a list of glob strings, got "
+                                  f"{value!r}; pass e.g. {key}=['encoder.*']")
             value = (value,) if isinstance(value, str) else tuple(value)
         changes[key] = value
     return dataclasses.replace(merged, **changes).validate()

@@ -527,7 +527,13 @@ class _Builder:
         if root_args is not None or root_kwargs is not None:
             raw = ([_PLAIN_OR_OTHER(a) for a in root_args or ()],
                    {k: _PLAIN_OR_OTHER(v) for k, v in (root_kwargs or {}).items()})
-        self.call("", [], {}, raw, owner=None, region="", fx_name=None)
+        result = self.call("", [], {}, raw, owner=None, region="", fx_name=None)
+        if is_leaf_layer(self.modules[""]):
+            # The model is one layer: its input is the model's input, its output the model's.
+            sig = _forward_signature(self.modules[""])
+            first = next(iter(list(sig.parameters)[1:]), "input") if sig is not None else "input"
+            self.g.add_edge(self._input_node(first), "#0")
+            self._op_node("output", "output", result, owner="", region="", fx_name=None)
         # Modules no stitched call reached: children of opaque modules, submodules of leaf
         # layers (MultiheadAttention.out_proj), modules that never run.
         for name, mod in self.modules.items():
@@ -747,6 +753,9 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
         raise TraceError(
             f"trace() needs an nn.Module, got {type(model).__name__}; pass the model instance"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError("script modules cannot be traced; pass the eager module (the one given "
+                         "to torch.jit.script)")
     if observe_forward not in (True, False, "auto"):
         raise TraceError(f"observe_forward must be True, False or 'auto', got {observe_forward!r}")
     observation: Observation | None = None

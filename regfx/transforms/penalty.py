@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from regfx.errors import RegfxError
 from regfx.select import select_layers, weight_names
 
 __all__ = ["PenaltySpec", "plan_penalty", "apply_penalty", "remove_penalty", "penalty",
@@ -348,6 +349,9 @@ def penalty(model: nn.Module) -> torch.Tensor:
         >>> m = regfx.transform(model, l2=1e-4)
         >>> float(regfx.penalty(m))
     """
+    if not isinstance(model, nn.Module):
+        raise RegfxError(f"penalty() needs an nn.Module, got {type(model).__name__}; pass the "
+                         "transformed model")
     state = model.__dict__.get("_regfx_penalty")
     if not state or not state["params"]:
         first = next(iter(model.parameters()), None)
