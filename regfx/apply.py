@@ -114,10 +114,6 @@ class Plan:
 _DEFAULT_PENALTY_ON = Recipe().penalty_on
 
 
-def _merge(recipe: Recipe | None, overrides: dict[str, Any]) -> Recipe:
-    return resolve_recipe(recipe, **overrides)
-
-
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise RegfxError(f"expected an nn.Module, got {type(model).__name__}; pass the model")
@@ -162,7 +158,7 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
             (``strict``) a layer word matching no layer.
     """
     _check_model(model)
-    rec = _merge(recipe, overrides)
+    rec = resolve_recipe(recipe, **overrides)
     messages: list[str] = []
     if rec.dropout is not None:
         messages += _unmatched(model, rec.dropout_after, "dropout_after")
@@ -252,7 +248,7 @@ def transform(
     overrides = dict(dropout=dropout, dropout_after=dropout_after, spectral=spectral,
                      weight_norm=weight_norm, l1=l1, l2=l2, penalty_on=penalty_on,
                      include=include, exclude=exclude, **options)
-    rec = _merge(recipe, overrides)
+    rec = resolve_recipe(recipe, **overrides)
     previous = recipe_of(model)
     if previous is not None and previous == rec:
         return model if inplace else copy.deepcopy(model)  # transforming twice = once

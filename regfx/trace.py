@@ -522,12 +522,10 @@ class _Builder:
 
     # -- whole model ------------------------------------------------------------------------
 
-    def build(self, root_args: tuple[Any, ...] | None, root_kwargs: dict[str, Any] | None) -> None:
-        raw = None
-        if root_args is not None or root_kwargs is not None:
-            raw = ([_PLAIN_OR_OTHER(a) for a in root_args or ()],
-                   {k: _PLAIN_OR_OTHER(v) for k, v in (root_kwargs or {}).items()})
-        result = self.call("", [], {}, raw, owner=None, region="", fx_name=None)
+    def build(self) -> None:
+        # The root's specialization: the observed call's constants when the model ran, else
+        # the defaults of its arguments.
+        result = self.call("", [], {}, None, owner=None, region="", fx_name=None)
         if is_leaf_layer(self.modules[""]):
             # The model is one layer: its input is the model's input, its output the model's.
             sig = _forward_signature(self.modules[""])
@@ -581,10 +579,6 @@ class _Builder:
                 return parent
         root = self.modules[""]
         return "" if name and is_leaf_layer(root) else None
-
-
-def _PLAIN_OR_OTHER(value: Any) -> Any:  # noqa: N802 - reads as a constant map
-    return value if isinstance(value, _PLAIN) else OTHER
 
 
 def is_container(module: nn.Module) -> bool:
@@ -763,15 +757,15 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
     cache: dict[tuple[Any, ...], fx.Graph | str] = {}
     with preserved(model):
         builder = _Builder(model, None, cache)
-        builder.build(None, None)
+        builder.build()
         error: str | None = "not run (observe_forward=False)"
         if observe_forward is True or (observe_forward == "auto" and builder.opaque):
             error, inputs, observation = _observe(model, example_inputs)
         elif observe_forward == "auto":
             error = "not needed: every forward traced symbolically"
-        if observation is not None and inputs is not None:
+        if observation is not None:
             builder = _Builder(model, observation, cache)
-            builder.build(inputs.args, inputs.kwargs)
+            builder.build()
     assign_roles(builder.g, builder.modules)
     return ModelGraph(
         nx=builder.g,
