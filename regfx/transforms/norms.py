@@ -17,7 +17,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm, weight_norm
 
 from regfx.errors import RegfxError
 from regfx.select import is_linear_like, select_layers
-from regfx.transforms import spectral as _spectral
+from regfx.transforms import spectral_engine
 from regfx.transforms.spectral import spectral_norm
 
 __all__ = ["NormSite", "NormError", "ZERO_WEIGHT", "plan_norms", "zero_weight_reason", "apply_norms",
@@ -189,14 +189,14 @@ def apply_norms(model: nn.Module, sites: list[NormSite]) -> None:
             for key in list(plist._parameters):
                 plist._parameters[key] = mod.parametrizations.weight._parameters[key]  # type: ignore
     if any(site.kind == "spectral_norm" for site in sites):
-        _spectral.install(model)
+        spectral_engine.install(model)
 
 
 def fold_norms(model: nn.Module) -> None:
     """Replace every weight/spectral-norm parametrization regfx applied by the weight it computes
     (eval mode semantics: spectral norm's u/v do not advance). Tied weights stay tied; the
     user's own parametrizations are left as they are."""
-    _spectral.uninstall(model)
+    spectral_engine.uninstall(model)
     folded: dict[int, nn.Parameter] = {}
     for mod in list(model.modules()):
         if not parametrize.is_parametrized(mod, "weight") or "_regfx_param_order" not in mod.__dict__:

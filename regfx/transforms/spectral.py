@@ -13,39 +13,37 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   transpose, as in torch's; for real weights it is the transpose.
 - The backward is one fused function instead of autograd through ``mv``, ``vdot`` and ``div``:
   ``dL/dW = G / sigma - (<W, G> / sigma^2) u v^H`` as one scaling, one dot product and one
-  in-place rank-1 update (``addr_``): three passes over the weight instead of about five. When
-  the backward itself is differentiated (``create_graph=True``: gradient penalties, Hessian-
-  vector products) it runs as differentiable torch ops instead, recomputing ``sigma = u^H W v``
-  from the weight, so that second-order gradients are torch's.
-- Before each training forward of the transformed model (a forward pre-hook installed by
-  :func:`install`), the power iterations of all its spectral norms advance together. On CPUs
-  (:func:`foreach_step`): one matrix-vector product per layer and per half-step, and every
-  vector operation (norms, divisions, the scalars for the backward) as one foreach op over all
-  layers, so a layer's own forward is one multiplication. On GPUs
-  (:mod:`regfx.transforms.spectral_fused`): all layers' power iterations, normalized weights
-  and weight gradients as one fused step, replayed as CUDA graphs. Where that cannot be used
-  (mixed dtypes or settings, non-dense weights), :func:`batched_step`: same-shaped weights are
-  stacked once and each half-step is one batched product; each layer's forward is one
-  multiplication by ``1/sigma``, and autograd differentiates the batched ``sigma = u^T W v``.
-  On a CPU neither pays: a batched matrix-vector product is slower than one per layer, and the
-  fused step's copies cost more than they save (both measured), hence the paths.
-  A layer called outside that forward, or a second time in it, iterates on its own, as torch's
-  does.
+  in-place rank-1 update (``addr_``). When the backward itself is differentiated
+  (``create_graph=True``: gradient penalties, Hessian-vector products) it runs as
+  differentiable torch ops instead, recomputing ``sigma = u^H W v`` from the weight, so that
+  second-order gradients are torch's.
+- A model's spectral norms can be prepared together before its training forward
+  (:mod:`regfx.transforms.spectral_engine`): :func:`prepare_foreach` runs every layer's power
+  iteration with one matrix-vector product per layer and half-step and every vector operation
+  as one foreach op over all layers, and leaves each layer a :class:`Prepared` record. A layer's
+  forward uses its record only if it was computed from the very tensors the layer holds now
+  (the weight, ``_u`` and ``_v`` objects, at the versions they had then); it then copies the new
+  ``u``/``v`` into its buffers, so ``u``/``v`` advance exactly when and as often as the layer
+  runs, as torch's do. Otherwise (tensors swapped by ``functional_call``, ``load_state_dict(
+  assign=True)``, ``to_empty``, a replica, a weight changed in place, a second call in one
+  forward) it iterates on its own.
 
-In eval mode it runs torch's code unchanged.
+torch's own code runs unchanged in eval mode, for 1-d weights, while ``torch.compile`` traces
+(``torch.compiler.is_compiling()``: a path dynamo traces without graph breaks) and under
+``torch.func`` transforms.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-__all__ = ["SpectralNorm", "spectral_norm"]
+__all__ = ["Member", "Prepared", "SpectralNorm", "collect", "prepare_foreach", "spectral_norm"]
 
 
 def _to_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -112,34 +110,62 @@ class _DivideBySigma(torch.autograd.Function):
         return _from_matrix(out, dim, grad.shape), None, None, None, None, None
 
 
-def power_iteration_batched(mats: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` power iterations on a stack of matrices ``(B, h, w)`` at once, as torch's
-    ``_SpectralNorm._power_method`` does on each (``u`` first, then ``v``); returns the new
-    ``u`` (B, h) and ``v`` (B, w)."""
-    for _ in range(n):
-        u = F.normalize(torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1), dim=1, eps=eps)
-        # W^H u as the row (u^H W)^*; conj() is free on real tensors (returns them as they are)
-        v = F.normalize(torch.bmm(u.conj().unsqueeze(1), mats).squeeze(1).conj(), dim=1, eps=eps)
-    return u, v
+
+@dataclass(eq=False)
+class Prepared:
+    """One layer's power iteration and ``sigma``, computed before the model's forward from the
+    tensors named here at the versions named here; see :meth:`SpectralNorm.forward`."""
+
+    weight: torch.Tensor
+    weight_version: int
+    u: torch.Tensor
+    u_version: int
+    v: torch.Tensor
+    v_version: int
+    new_u: torch.Tensor
+    new_v: torch.Tensor
+    inv_sigma: torch.Tensor  # 1 / sigma
+    u_scaled: torch.Tensor  # -u / sigma^2, for the backward
+    normalized: torch.Tensor | None = None  # W / sigma, where it was computed already
+
+    def fits(self, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether this was computed from exactly these tensors in their current state."""
+        return (weight is self.weight and u is self.u and v is self.v
+                and weight._version == self.weight_version and u._version == self.u_version
+                and v._version == self.v_version)
+
+
+def _functorch_active() -> bool:
+    return bool(torch._C._are_functorch_transforms_active())
 
 
 class SpectralNorm(_SpectralNorm):
     """torch's spectral norm parametrization with a cheaper training step (see module doc)."""
 
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0,
+                 eps: float = 1e-12) -> None:
+        super().__init__(weight, n_power_iterations, dim, eps)
+        self.prepared: Prepared | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a prepared record is part of one forward's autograd graph: never copied or pickled
+        return {**super().__getstate__(), "prepared": None}
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight / sigma``; in training mode the power iteration advances first."""
-        if weight.ndim == 1 or not self.training:
+        if (weight.ndim == 1 or not self.training or torch.compiler.is_compiling()
+                or _functorch_active()):
             return super().forward(weight)
-        pending = self.__dict__.pop("_regfx_pending", None)
-        if pending is not None and pending[1] == weight._version:
-            # u/v already advanced for this forward by the model's pre-hook
-            kind = pending[0]
-            if kind == "ready":  # spectral_fused: the normalized weight itself
-                return pending[2]  # type: ignore[no-any-return]
-            if kind == "scale":  # batched_step: 1/sigma, differentiable
-                return weight * pending[2]
-            return _DivideBySigma.apply(weight, *pending[2:], self.dim)  # type: ignore[no-any-return]
+        prepared = self.prepared
+        if prepared is not None:
+            self.prepared = None
+            if prepared.fits(weight, self._u, self._v):
+                with torch.no_grad():
+                    torch._foreach_copy_([self._u, self._v], [prepared.new_u, prepared.new_v])
+                if prepared.normalized is not None:
+                    return prepared.normalized
+                return _DivideBySigma.apply(weight, prepared.inv_sigma, prepared.new_u,  # type: ignore[no-any-return]
+                                            prepared.u_scaled, prepared.new_v, self.dim)
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
         with torch.no_grad():
@@ -178,170 +204,68 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     return module
 
 
-def batched_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
-    """Advance the power iteration of many spectral norms at once and compute their ``sigma``.
+@dataclass(frozen=True, eq=False)
+class Member:
+    """A :class:`SpectralNorm` and the parametrization list holding it; :attr:`weight` reads the
+    list's stored weight afresh each time (it is swapped by ``functional_call``, assigned by
+    ``load_state_dict(assign=True)``, replaced by ``to_empty``)."""
 
-    For each group of same-shaped weights: one stacked copy of the weights, one batched product
-    per power-iteration half-step, and ``sigma = u^H W v`` as one batched product that autograd
-    differentiates (so the gradient through ``sigma`` is torch's, to any order). Each
-    parametrization gets its ``1 / sigma`` for its next forward, which is then one
-    multiplication. ``norms`` pairs each parametrization with its stored weight. Called before a
-    training forward of the model.
-    """
-    groups: dict[tuple[Any, ...], list[tuple[SpectralNorm, torch.Tensor]]] = {}
-    for sn, weight in norms:
-        if weight.ndim < 2 or not sn.training:
+    plist: nn.Module
+    norm: SpectralNorm
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.plist.original  # type: ignore[return-value]
+
+
+def collect(model: nn.Module) -> list[Member]:
+    """Every regfx :class:`SpectralNorm` of ``model`` with its parametrization list, tied ones
+    once (in module order)."""
+    out: list[Member] = []
+    seen: set[SpectralNorm] = set()
+    for mod in model.modules():
+        if not parametrize.is_parametrized(mod):
             continue
-        key = (sn._u.shape[0], sn._v.shape[0], weight.dtype, weight.device, sn.n_power_iterations,
-               sn.eps, sn.dim)
-        groups.setdefault(key, []).append((sn, weight))
-    for (_h, _w, _dtype, device, n, eps, dim), members in groups.items():
-        if len(members) == 1:
-            continue  # a lone weight: its own forward does the iteration, as torch's does
-        with torch.autocast(device.type, enabled=False):
-            mats = torch.stack([_to_matrix(weight, dim) for _, weight in members])
-            with torch.no_grad():
-                u0 = torch.stack([sn._u for sn, _ in members])
-                v0 = torch.stack([sn._v for sn, _ in members])
-                u, v = power_iteration_batched(mats.detach(), u0, v0, n, eps)
-                torch._foreach_copy_([sn._u for sn, _ in members], list(u.unbind(0)))
-                torch._foreach_copy_([sn._v for sn, _ in members], list(v.unbind(0)))
-            sigma = torch.bmm(mats, v.unsqueeze(-1)).squeeze(-1).mul(u.conj()).sum(1)  # u^H W v
-            inv = sigma.reciprocal()
-        for (sn, weight), inv_i in zip(members, inv.unbind(0), strict=True):
-            sn.__dict__["_regfx_pending"] = ("scale", weight._version, inv_i)
+        for plist in mod.parametrizations.values():  # type: ignore[union-attr, operator]
+            for p in plist:
+                if isinstance(p, SpectralNorm) and p not in seen:
+                    seen.add(p)
+                    out.append(Member(plist, p))
+    return out
 
 
-def foreach_step(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
-    """Advance the power iteration of many spectral norms with one matrix-vector product per
-    layer and everything else as a handful of foreach ops over all layers, then leave each its
-    ``1/sigma``, ``u``, ``-u/sigma^2`` and ``v`` for its next forward (the CPU counterpart of
-    :func:`batched_step`, for which stacking costs more than it saves)."""
-    members = [(sn, w) for sn, w in norms if w.ndim >= 2 and sn.training]
-    if len(members) < 2:
-        return
-    eps = members[0][0].eps
-    if any(sn.eps != eps or sn.n_power_iterations != members[0][0].n_power_iterations
-           for sn, _ in members):
-        return  # mixed settings: each layer iterates on its own
-    mats = [sn._reshape_weight_to_matrix(w) for sn, w in members]
-    inv, new_u, u_scaled, new_v = _iterate(mats, [sn._u for sn, _ in members],
-                                           [sn._v for sn, _ in members],
-                                           members[0][0].n_power_iterations, eps)
-    for (sn, weight), *scalars in zip(members, inv, new_u, u_scaled, new_v, strict=True):
-        sn.__dict__["_regfx_pending"] = ("divide", weight._version, *scalars)
-
-
-def _iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor], n: int,
-             eps: float) -> tuple[list[torch.Tensor], ...]:
-    """``n`` power iterations of every matrix in ``mats``, updating ``us``/``vs`` in place:
+def iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor], n: int,
+            eps: float) -> tuple[list[torch.Tensor], ...]:
+    """``n`` power iterations of every matrix in ``mats`` from ``us``/``vs`` (left as they are):
     one ``mv`` per matrix and half-step, every vector operation one foreach op over all.
-    Returns ``1/sigma`` (real), fresh copies of the new ``u``, ``-u/sigma^2`` and a fresh copy
-    of the new ``v`` for each. Complex matrices iterate with the conjugate transpose, as torch's."""
+    Returns ``1/sigma`` (real), the new ``u``, ``-u/sigma^2`` and the new ``v`` of each, all
+    fresh tensors. Complex matrices iterate with the conjugate transpose, as torch's."""
+    new_u, new_v = list(us), list(vs)
     with torch.no_grad():
         for _ in range(n):
-            w_v = [torch.mv(m, v) for m, v in zip(mats, vs, strict=True)]
-            new_u = torch._foreach_div(w_v, torch._foreach_clamp_min(torch._foreach_norm(w_v), eps))
-            torch._foreach_copy_(us, new_u)
-            w_t_u = [torch.mv(m.mH, u) for m, u in zip(mats, us, strict=True)]
+            w_v = [torch.mv(m, v) for m, v in zip(mats, new_v, strict=True)]
+            new_u = list(torch._foreach_div(
+                w_v, torch._foreach_clamp_min(torch._foreach_norm(w_v), eps)))
+            w_t_u = [torch.mv(m.mH, u) for m, u in zip(mats, new_u, strict=True)]
             norms_v = torch._foreach_norm(w_t_u)
             clamped = torch._foreach_clamp_min(norms_v, eps)
-            new_v = torch._foreach_div(w_t_u, clamped)
-            torch._foreach_copy_(vs, new_v)
+            new_v = list(torch._foreach_div(w_t_u, clamped))
         # sigma = |W^H u|^2 / max(|W^H u|, eps); keep 1/sigma and -u/sigma^2
         inv = torch._foreach_div(clamped, torch._foreach_mul(norms_v, norms_v))
         neg_inv2 = torch._foreach_neg(torch._foreach_mul(inv, inv))
         u_scaled = torch._foreach_mul(new_u, neg_inv2)
-    return list(inv), list(new_u), list(u_scaled), list(new_v)
+    return list(inv), new_u, list(u_scaled), new_v
 
 
-def collect(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
-    """Every regfx :class:`SpectralNorm` of ``model`` with its stored weight, tied ones once."""
-    out: list[tuple[SpectralNorm, torch.Tensor]] = []
-    seen: set[int] = set()
-    for mod in model.modules():
-        plists = getattr(mod, "parametrizations", None)
-        if plists is None or not parametrize.is_parametrized(mod):
-            continue
-        for plist in plists.values():
-            for p in plist:
-                if isinstance(p, SpectralNorm) and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append((p, plist.original))
-    return out
-
-
-def _pre_hook(model: nn.Module, args: Any) -> None:
-    if not model.training:
-        return
-    norms = model.__dict__.get("_regfx_spectral")
-    if norms is None:
-        norms = model.__dict__["_regfx_spectral"] = collect(model)
-    if len(norms) < 2 or not _owns(model, norms):
-        return
-    # Where kernel launches dominate (GPUs) all layers go as one fused step replayed as CUDA
-    # graphs, or failing that as batched products; on CPUs a batched matrix-vector product is
-    # slower than one mv per layer (measured), so each layer has its mv and the rest is foreach.
-    path = model.__dict__.get("_regfx_path") or ("foreach" if norms[0][1].device.type == "cpu" else "fused")
-    if path == "fused":
-        from . import spectral_fused
-
-        if spectral_fused.fused_step(model, norms, use_graphs=norms[0][1].is_cuda):
-            return
-        path = "batched"
-    if path == "batched":
-        batched_step(norms)
-    else:
-        foreach_step(norms)
-
-
-def _post_hook(model: nn.Module, args: Any, output: Any) -> None:
-    # A layer the forward did not call leaves its 1/sigma behind, part of an autograd graph:
-    # drop it, so that nothing stale is used later and copy.deepcopy(model) keeps working.
-    for sn, _ in model.__dict__.get("_regfx_spectral") or ():
-        sn.__dict__.pop("_regfx_pending", None)
-
-
-def _owns(model: nn.Module, norms: list[tuple[SpectralNorm, torch.Tensor]]) -> bool:
-    """Whether ``norms`` are ``model``'s own. Not for a replica made by ``nn.DataParallel``,
-    which shares its original's ``__dict__`` entries (this list among them) but has copies of its
-    submodules: there each layer iterates on its own, on the replica's vectors, as torch's does."""
-    site = model.__dict__.get("_regfx_spectral_first")
-    if site is None:
-        return True
-    try:
-        plists = cast(nn.ModuleDict, model.get_submodule(site[0]).parametrizations)
-        plist = cast(nn.ModuleList, plists[site[1]])
-    except (AttributeError, KeyError):
-        return False
-    return any(p is norms[0][0] for p in plist)
-
-
-def install(model: nn.Module) -> None:
-    """Batch the power iterations of ``model``'s spectral norms before each training forward."""
-    uninstall(model)
-    norms = collect(model)
-    if len(norms) > 1:
-        model.__dict__["_regfx_spectral"] = norms
-        first = norms[0][0]
-        model.__dict__["_regfx_spectral_first"] = next(
-            (path, key) for path, mod in model.named_modules()
-            if isinstance(getattr(mod, "parametrizations", None), nn.ModuleDict)
-            for key, plist in mod.parametrizations.items() if any(p is first for p in plist))
-        model.register_forward_pre_hook(_pre_hook)
-        model.register_forward_hook(_post_hook)
-
-
-def uninstall(model: nn.Module) -> None:
-    """Remove what :func:`install` added (the hook and the cached list)."""
-    model.__dict__.pop("_regfx_spectral", None)
-    model.__dict__.pop("_regfx_spectral_first", None)
-    for key in [k for k, h in model._forward_pre_hooks.items() if h is _pre_hook]:
-        del model._forward_pre_hooks[key]
-    for key in [k for k, h in model._forward_hooks.items() if h is _post_hook]:
-        del model._forward_hooks[key]
-    for mod in model.modules():
-        mod.__dict__.pop("_regfx_pending", None)
-    from . import spectral_fused
-
-    spectral_fused.forget(model)
+def prepare_foreach(members: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
+    """Run the power iteration of every ``(norm, weight)`` pair with one matrix-vector product
+    per layer and half-step and everything else as foreach ops over all layers, and leave each
+    norm a :class:`Prepared` record for its next forward. All must share ``eps`` and
+    ``n_power_iterations`` and have weights of two or more dimensions."""
+    first = members[0][0]
+    us = [sn._u for sn, _ in members]
+    vs = [sn._v for sn, _ in members]
+    mats = [_to_matrix(w, sn.dim) for sn, w in members]
+    inv, new_u, u_scaled, new_v = iterate(mats, us, vs, first.n_power_iterations, first.eps)
+    for (sn, w), u, v, *fresh in zip(members, us, vs, new_u, new_v, inv, u_scaled, strict=True):
+        sn.prepared = Prepared(w, w._version, u, u._version, v, v._version, *fresh)

@@ -17,12 +17,14 @@ steps (the weights, the ``u``/``v`` buffers, and static input/output buffers), s
 captured once as a CUDA graph and then replayed: one launch plus a copy or two, however many
 layers there are. The first call of each runs eagerly (it warms up the libraries), the second
 captures; the graphs are rebuilt when a weight or vector moves (``model.to(...)``), changes
-dtype or shape. The arithmetic is :func:`regfx.transforms.spectral.foreach_step`'s and
+dtype or shape. The arithmetic is :func:`regfx.transforms.spectral.iterate`'s and
 :class:`~regfx.transforms.spectral._DivideBySigma`'s; without CUDA graphs (on a CPU in tests, or
 while compiling or capturing) the same bodies run eagerly.
 
-Semantics are torch's: ``u``/``v`` advance once per training forward, a layer used twice in one
-forward iterates again for its second use, a layer not called gets no gradient (``None``),
+Semantics are torch's: each layer gets a :class:`~regfx.transforms.spectral.Prepared` record
+with its new ``u``/``v``, which it copies into its buffers when it runs (so ``u``/``v`` advance
+once per training forward of a layer that runs, and not at all for one that does not), a layer
+used twice in one forward iterates again for its second use, a layer not called gets no gradient (``None``),
 changing a weight in place between forward and backward raises autograd's usual error, and a
 backward that is itself differentiated (``create_graph=True``) runs each layer's gradient as
 differentiable torch ops (:func:`regfx.transforms.spectral.differentiable_grad`), so that
@@ -32,16 +34,21 @@ second-order gradients are torch's; that backward runs eagerly, never as a graph
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..errors import RegfxWarning
-from .spectral import SpectralNorm, _from_matrix, _iterate, _to_matrix, differentiable_grad
+from regfx.errors import RegfxWarning
+from regfx.transforms.spectral import (
+    Prepared,
+    SpectralNorm,
+    _from_matrix,
+    _to_matrix,
+    differentiable_grad,
+    iterate,
+)
 
-__all__ = ["FusedSpectral", "eligible", "fused_step", "forget"]
+__all__ = ["FusedSpectral", "eligible"]
 
 Members = list[tuple[SpectralNorm, torch.Tensor]]
 
@@ -97,9 +104,25 @@ class FusedSpectral:
         self.bwd_graph: Any = None
         self.stream: Any = None
 
-    def current(self) -> bool:
-        """Whether the weights and vectors are still where the buffers and graphs expect them."""
-        return _key(self.members) == self.key
+    def current(self, members: Members) -> bool:
+        """Whether ``members`` are this step's layers, with the same weight and vector tensors
+        still where the buffers and graphs expect them."""
+        return (len(members) == len(self.members)
+                and all(sn is sn0 and w is w0 for (sn, w), (sn0, w0)
+                        in zip(members, self.members, strict=True))
+                and _key(members) == self.key)
+
+    def run(self) -> None:
+        """Compute every normalized weight for the next forward in one operation and leave each
+        layer its :class:`~regfx.transforms.spectral.Prepared` record."""
+        us, vs = self._vectors()
+        versions = [(w._version, u._version, v._version)
+                    for w, u, v in zip(self.weights, us, vs, strict=True)]
+        scalars, *normalized = _NormalizeAll.apply(self, *self.weights)
+        inv, new_u, u_scaled, new_v = self.scalar_views(scalars.detach())
+        for i, (sn, w) in enumerate(self.members):
+            sn.prepared = Prepared(w, versions[i][0], us[i], versions[i][1], vs[i], versions[i][2],
+                                   new_u[i], new_v[i], inv[i], u_scaled[i], normalized[i])
 
     # -- views into flat buffers --------------------------------------------------------------
 
@@ -126,12 +149,13 @@ class FusedSpectral:
 
     def forward_body(self, us: list[torch.Tensor], vs: list[torch.Tensor], out_w: torch.Tensor,
                      out_s: torch.Tensor) -> None:
-        """Advance the power iterations (``us``/``vs`` in place); write ``W / sigma`` into
-        ``out_w`` and ``1/sigma``, ``u``, ``-u/sigma^2``, ``v`` into ``out_s``."""
+        """Run the power iterations from ``us``/``vs`` (left as they are); write ``W / sigma``
+        into ``out_w`` and ``1/sigma``, the new ``u``, ``-u/sigma^2``, the new ``v`` into
+        ``out_s``."""
         # in fp32 (or the weights' dtype) under autocast too, like the per-layer path
         with torch.no_grad(), torch.autocast(self.weights[0].device.type, enabled=False):
             mats = [_to_matrix(w, sn.dim) for sn, w in self.members]
-            inv, new_u, u_scaled, new_v = _iterate(mats, us, vs, self.n, self.eps)
+            inv, new_u, u_scaled, new_v = iterate(mats, us, vs, self.n, self.eps)
             inv_out, u_out, u_scaled_out, v_out = self.scalar_views(out_s)
             torch._foreach_copy_(inv_out, inv)
             torch._foreach_copy_(u_out, new_u)
@@ -194,9 +218,7 @@ class FusedSpectral:
             us, vs = self._vectors()
             try:
                 self.static_w, self.static_s = self.new_weights(), self.new_scalars()
-                # copies of u/v for the warm-up, which would advance them; capture runs nothing
-                self._warm_up(self.forward_body, [u.clone() for u in us], [v.clone() for v in vs],
-                              self.static_w, self.static_s)
+                self._warm_up(self.forward_body, us, vs, self.static_w, self.static_s)
                 self.fwd_graph = self._capture(self.forward_body, us, vs, self.static_w, self.static_s)
             except RuntimeError as error:
                 self._graph_failed(error)
@@ -255,7 +277,9 @@ def _can_capture() -> bool:
 
 
 class _NormalizeAll(torch.autograd.Function):
-    """``(W_1 / sigma_1, ..., W_n / sigma_n)``, views of one flat buffer; see the module doc."""
+    """``(scalars, W_1 / sigma_1, ..., W_n / sigma_n)``, the normalized weights views of one
+    flat buffer and ``scalars`` the flat buffer of :meth:`FusedSpectral.scalar_views` (no
+    gradient); see the module doc."""
 
     @staticmethod
     def forward(ctx: Any, fused: FusedSpectral, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -263,10 +287,12 @@ class _NormalizeAll(torch.autograd.Function):
         ctx.fused = fused
         ctx.save_for_backward(out_s, *weights)  # autograd checks the weights' versions
         ctx.set_materialize_grads(False)  # a layer not called gets None, not zeros
-        return tuple(fused.weight_views(out_w))
+        ctx.mark_non_differentiable(out_s)
+        return (out_s, *fused.weight_views(out_w))
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, _scalars_grad: Any,
+                 *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         fused: FusedSpectral = ctx.fused
         scalars = ctx.saved_tensors[0]
         if all(g is None for g in grads):
@@ -277,46 +303,13 @@ class _NormalizeAll(torch.autograd.Function):
             return (None, *(None if g is None else differentiable_grad(g, w, u, v, sn.dim)
                             for g, w, u, v, (sn, _) in zip(grads, weights, us, vs, fused.members,
                                                            strict=True)))
-        if not fused.current():  # a weight moved since the forward (model.to): run eagerly
+        if _key(fused.members) != fused.key:  # a weight moved since the forward (model.to): eagerly
             fused = FusedSpectral(fused.members, use_graphs=False)
         views = fused.weight_views(fused.backward(grads, scalars))
         return (None, *(v if g is not None else None for v, g in zip(views, grads, strict=True)))
-
-
-_STATE: weakref.WeakKeyDictionary[nn.Module, tuple[Members, Any, FusedSpectral | None]] = (
-    weakref.WeakKeyDictionary())
-
-
-def fused_step(model: nn.Module, members: Members, use_graphs: bool) -> bool:
-    """Compute every normalized weight of ``members`` for ``model``'s next forward in one
-    operation and leave each layer its slice (see the module doc). Returns False, doing
-    nothing, where the layers cannot share one step (see :func:`eligible`)."""
-    state = _STATE.get(model)
-    fused = state[2] if state is not None else None
-    if state is not None and state[0] is members and (fused is None or fused.graphs_requested == use_graphs):
-        if fused is None:
-            if state[1] == _key(members):
-                return False
-        elif fused.current():
-            return _run(fused, members)
-    fused = FusedSpectral(members, use_graphs) if eligible(members) else None
-    _STATE[model] = (members, _key(members), fused)
-    return fused is not None and _run(fused, members)
 
 
 def _key(members: Members) -> tuple[Any, ...]:
     """Where every weight and vector is (their storage moves with ``.to()``, ``.half()``...)."""
     return tuple((w.data_ptr(), sn._buffers["_u"].data_ptr(), sn._buffers["_v"].data_ptr(),  # type: ignore[union-attr]
                   sn.training) for sn, w in members)
-
-
-def _run(fused: FusedSpectral, members: Members) -> bool:
-    normalized = _NormalizeAll.apply(fused, *fused.weights)
-    for (sn, weight), wn in zip(members, normalized, strict=True):
-        sn.__dict__["_regfx_pending"] = ("ready", weight._version, wn)
-    return True
-
-
-def forget(model: nn.Module) -> None:
-    """Drop ``model``'s fused state (buffers and graphs)."""
-    _STATE.pop(model, None)

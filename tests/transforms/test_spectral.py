@@ -1,5 +1,6 @@
 """regfx's SpectralNorm against torch's parametrizations.spectral_norm: same state, same sigma,
-same u/v, same gradients, on the per-layer path and on the batched path."""
+same u/v, same gradients, on the per-layer path, the CPU fast path (foreach) and the CUDA fast
+path (fused; run eagerly, with recorded graphs, and on CUDA where there is one)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from regfx.transforms import spectral
-from regfx.transforms.spectral import SpectralNorm, batched_step, collect, spectral_norm
+from regfx.transforms import spectral_engine
+from regfx.transforms.spectral import SpectralNorm, collect, prepare_foreach, spectral_norm
+from regfx.transforms.spectral_engine import Path, engine_of
 
 LAYERS = {
     "linear": lambda: nn.Linear(12, 7),
@@ -116,41 +118,38 @@ def assert_layers_match(ours: nn.Module, theirs: nn.Module, vector: str) -> None
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_batched_step_matches_per_layer_torch() -> None:
-    """The GPU path (batched power iteration before the forward), exercised on CPU."""
-    ours, theirs = stacked("linear", 5)
-    norms = collect(ours)
-    assert len(norms) == 5 and all(isinstance(sn, SpectralNorm) for sn, _ in norms)
-    x = torch.randn(4, 12)
-    for _ in range(3):
-        batched_step(norms)
-        assert all("_regfx_pending" in sn.__dict__ for sn, _ in norms)
-        (ours(x) ** 2).sum().backward()
-        assert not any("_regfx_pending" in sn.__dict__ for sn, _ in norms)  # consumed
-        (theirs(x) ** 2).sum().backward()
-        assert_layers_match(ours, theirs, "_u")
+def norm_pairs(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
+    return [(m.norm, m.weight) for m in collect(model)]
 
 
-def test_stale_pending_is_ignored_after_an_update() -> None:
+def force(model: nn.Module, path: str | None) -> None:
+    """Make ``model``'s engine take ``path`` (None: the device's default)."""
+    engine = engine_of(model)
+    assert engine is not None
+    engine.path = Path(path) if path else None
+
+
+def test_stale_prepared_record_is_ignored_after_an_update() -> None:
     ours, _ = stacked("linear", 3)
-    norms = collect(ours)
-    batched_step(norms)
+    norms = norm_pairs(ours)
+    prepare_foreach(norms)
     with torch.no_grad():
         for layer in ours:
             layer.parametrizations.weight.original.add_(0.01)  # an optimizer step in between
-    saved = [sn.__dict__.pop("_regfx_pending") for sn, _ in norms]
-    expected = copy.deepcopy(ours)  # without the pending values
-    for (sn, _), pending in zip(norms, saved, strict=True):
-        sn.__dict__["_regfx_pending"] = pending
+    expected = copy.deepcopy(ours)  # deep copies drop prepared records
+    assert all(sn.prepared is not None for sn, _ in norms)
+    assert all(sn.prepared is None for sn, _ in norm_pairs(expected))
     x = torch.ones(1, 12)
-    # the pending 1/sigma belongs to the old weights: the forward iterates afresh instead
+    # the prepared 1/sigma belongs to the old weights: the forward iterates afresh instead
     assert torch.equal(ours(x), expected(x))
+    for a, b in zip(ours, expected, strict=True):
+        assert torch.equal(a.parametrizations.weight[0]._u, b.parametrizations.weight[0]._u)
 
 
-def test_installed_hook_batches_and_leaves_nothing_behind() -> None:
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_installed_engine_prepares_and_leaves_nothing_behind(path: str) -> None:
+    """A layer the forward does not call keeps its u/v (as torch's); nothing prepared is left."""
     ours, theirs = stacked("linear", 4)
-    spectral.install(ours)
-    ours.__dict__["_regfx_path"] = "batched"  # the GPU fallback, on this CPU
     x = torch.randn(3, 12)
 
     class Skip(nn.Module):  # calls only the first three layers
@@ -162,12 +161,25 @@ def test_installed_hook_batches_and_leaves_nothing_behind() -> None:
             return self.inner[2](self.inner[1](self.inner[0](x)))
 
     wrapped = Skip(ours)
-    spectral.install(wrapped)
-    wrapped.__dict__["_regfx_path"] = "batched"
+    engine = spectral_engine.install(wrapped)
+    assert engine is not None and len(engine.members) == 4
+    engine.path = Path(path)
+    seen = []
+    original = engine.before_forward
+
+    def spy(model: nn.Module) -> None:
+        original(model)
+        seen.append(sum(m.norm.prepared is not None for m in engine.members))
+
+    engine.before_forward = spy  # type: ignore[method-assign]
     wrapped(x).sum().backward()
-    assert not any("_regfx_pending" in sn.__dict__ for sn, _ in collect(wrapped))
+    assert seen == [4]  # all four prepared, three used
+    assert all(m.norm.prepared is None for m in engine.members)
     copy.deepcopy(wrapped)  # no tensor with a graph left in a module
     (theirs[2](theirs[1](theirs[0](x)))).sum().backward()
+    for i in range(4):
+        torch.testing.assert_close(ours[i].parametrizations.weight[0]._u,
+                                   theirs[i].parametrizations.weight[0]._u, rtol=0, atol=0)
     for i in range(3):
         torch.testing.assert_close(ours[i].parametrizations.weight.original.grad,
                                    theirs[i].parametrizations.weight.original.grad,
@@ -176,55 +188,62 @@ def test_installed_hook_batches_and_leaves_nothing_behind() -> None:
 
 def test_install_only_with_several_norms_and_uninstall() -> None:
     ours, _ = stacked("linear", 3)
-    spectral.install(ours)
-    assert spectral._pre_hook in ours._forward_pre_hooks.values()
-    clone = copy.deepcopy(ours)  # deep copies keep working
+    engine = spectral_engine.install(ours)
+    assert engine is not None and engine_of(ours) is engine and engine.root is ours
+    assert len(ours._forward_pre_hooks) == 1 and len(ours._forward_hooks) == 1
+    clone = copy.deepcopy(ours)  # deep copies keep working, with an engine of their own
+    clone_engine = engine_of(clone)
+    assert clone_engine is not None and clone_engine is not engine and clone_engine.root is clone
+    assert [m.norm for m in clone_engine.members] == [layer.parametrizations.weight[0] for layer in clone]
     clone(torch.randn(2, 12))
-    spectral.uninstall(ours)
-    assert spectral._pre_hook not in ours._forward_pre_hooks.values()
+    spectral_engine.uninstall(ours)
+    assert engine_of(ours) is None
+    assert not ours._forward_pre_hooks and not ours._forward_hooks
+    assert engine_of(clone) is clone_engine and len(clone._forward_pre_hooks) == 1
     single, _ = pair("linear")
-    spectral.install(single)
-    assert spectral._pre_hook not in single._forward_pre_hooks.values()
+    assert spectral_engine.install(single) is None
+    assert not single._forward_pre_hooks
 
 
 def test_foreach_step_matches_per_layer_torch() -> None:
     """The CPU path: one mv per layer, the rest as foreach ops over all layers."""
     ours, theirs = stacked("linear", 4)
-    norms = collect(ours)
+    norms = norm_pairs(ours)
     x = torch.randn(4, 12)
     for _ in range(3):
-        spectral.foreach_step(norms)
-        assert all(sn.__dict__["_regfx_pending"][0] == "divide" for sn, _ in norms)
+        prepare_foreach(norms)
+        assert all(sn.prepared is not None and sn.prepared.normalized is None for sn, _ in norms)
         (ours(x) ** 2).sum().backward()
         (theirs(x) ** 2).sum().backward()
         assert_layers_match(ours, theirs, "_v")
 
 
-def test_transformed_model_uses_the_cpu_path_by_default() -> None:
+def test_transformed_model_uses_the_cpu_path_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     import regfx
 
     model = regfx.transform(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
                                           nn.Linear(6, 2)), spectral="linear")
-    assert spectral._pre_hook in model._forward_pre_hooks.values()
+    assert engine_of(model) is not None
     seen = []
-    original = spectral.foreach_step
-    spectral.foreach_step = lambda norms: (seen.append(len(norms)), original(norms))  # type: ignore[assignment]
-    try:
-        model(torch.randn(2, 6)).sum().backward()
-    finally:
-        spectral.foreach_step = original
+    original = spectral_engine.prepare_foreach
+    monkeypatch.setattr(spectral_engine, "prepare_foreach",
+                        lambda norms: (seen.append(len(norms)), original(norms)))
+    model(torch.randn(2, 6)).sum().backward()
     assert seen == [3]
+    model.eval()
+    model(torch.randn(2, 6))
+    assert seen == [3]  # nothing prepared in eval mode
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv_transpose"])
 def test_foreach_step_on_convolutions(kind: str) -> None:
     ours_list, theirs_list = zip(*(pair(kind) for _ in range(3)), strict=True)
     ours, theirs = nn.ModuleList(ours_list), nn.ModuleList(theirs_list)
-    norms = collect(ours)
+    norms = norm_pairs(ours)
     assert len(norms) == 3
     x = INPUTS[kind]()
     for _ in range(2):
-        spectral.foreach_step(norms)
+        prepare_foreach(norms)
         for a, b in zip(ours, theirs, strict=True):
             (a(x) ** 2).sum().backward()
             (b(x) ** 2).sum().backward()
@@ -264,9 +283,8 @@ def mixed_pair(path: str | None, device: str = "cpu", channels_last: bool = Fals
         spectral_norm(a, n_power_iterations=n)
         torch.manual_seed(1)
         parametrizations.spectral_norm(b, n_power_iterations=n)
-    spectral.install(ours)
-    if path:
-        ours.__dict__["_regfx_path"] = path
+    spectral_engine.install(ours)
+    force(ours, path)
     return ours, theirs
 
 
@@ -298,13 +316,11 @@ def train_pair(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, steps: int) 
 @pytest.mark.parametrize("n", [1, 3])
 def test_fused_step_matches_torch(channels_last: bool, n: int) -> None:
     """The GPU path (every layer in one fused step), run eagerly on this CPU."""
-    from regfx.transforms import spectral_fused
-
     ours, theirs = mixed_pair("fused", channels_last=channels_last, n=n)
     x = torch.randn(2, 3, 8, 8)
     train_pair(ours, theirs, x, 3)
-    state = spectral_fused._STATE[ours]
-    assert state[2] is not None and state[2].forward_calls == 3 and state[2].backward_calls == 3
+    fused = engine_of(ours).fused  # type: ignore[union-attr]
+    assert fused is not None and fused.forward_calls == 3 and fused.backward_calls == 3
 
 
 def test_fused_step_unused_layer_gets_no_gradient_and_reused_layer_iterates_again() -> None:
@@ -322,8 +338,8 @@ def test_fused_step_unused_layer_gets_no_gradient_and_reused_layer_iterates_agai
             return m.head(h + m.fc1(m.up(torch.relu(m.conv2(torch.relu(m.conv1(x))))).flatten(1)))
 
     wrapped_o, wrapped_t = Twice(ours), Twice(theirs)
-    spectral.install(wrapped_o)
-    wrapped_o.__dict__["_regfx_path"] = "fused"
+    spectral_engine.install(wrapped_o)
+    force(wrapped_o, "fused")
     x = torch.randn(2, 3, 8, 8)
     for model in (wrapped_o, wrapped_t):
         (model(x) ** 2).sum().backward()
@@ -333,8 +349,11 @@ def test_fused_step_unused_layer_gets_no_gradient_and_reused_layer_iterates_agai
         a, b = getattr(ours, name), getattr(theirs, name)
         torch.testing.assert_close(a.parametrizations.weight.original.grad,
                                    b.parametrizations.weight.original.grad, rtol=1e-4, atol=1e-6)
+    for name in ("conv1", "conv2", "up", "fc1", "fc2", "head"):  # fc2's u/v stay, as torch's
+        a, b = getattr(ours, name), getattr(theirs, name)
         torch.testing.assert_close(a.parametrizations.weight[0]._u, b.parametrizations.weight[0]._u)
-    assert not any("_regfx_pending" in sn.__dict__ for sn, _ in collect(wrapped_o))
+        torch.testing.assert_close(a.parametrizations.weight[0]._v, b.parametrizations.weight[0]._v)
+    assert not any(sn.prepared is not None for sn, _ in norm_pairs(wrapped_o))
     copy.deepcopy(wrapped_o)  # nothing with a graph left in a module
 
 
@@ -377,19 +396,17 @@ def test_fused_step_follows_the_model_to_another_dtype() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu.sh)")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_step_cuda_graphs_match_torch(channels_last: bool) -> None:
-    from regfx.transforms import spectral_fused
-
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         ours, theirs = mixed_pair(None, device="cuda", channels_last=channels_last)
         x = torch.randn(2, 3, 8, 8, device="cuda")
         train_pair(ours, theirs, x, 4)
-        fused = spectral_fused._STATE[ours][2]
+        fused = engine_of(ours).fused  # type: ignore[union-attr]
         assert fused is not None and fused.fwd_graph is not None and fused.bwd_graph is not None
         ours.float()  # a no-op: the graphs stay
         train_pair(ours, theirs, x, 1)
-        assert spectral_fused._STATE[ours][2] is fused
+        assert engine_of(ours).fused is fused  # type: ignore[union-attr]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
@@ -415,12 +432,11 @@ def test_fused_step_graph_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spectral_fused, "_can_capture", lambda: True)
     monkeypatch.setattr(FusedSpectral, "_warm_up", lambda self, body, *args: body(*args))
     monkeypatch.setattr(FusedSpectral, "_capture", lambda self, body, *args: RecordedGraph(body, args))
-    ours, theirs = mixed_pair(None, channels_last=True)
-    ours.__dict__["_regfx_path"] = "fused"
-    monkeypatch.setattr(spectral_fused, "fused_step", _with_graphs(spectral_fused.fused_step))
+    ours, theirs = mixed_pair("fused", channels_last=True)
+    engine_of(ours).cuda_graphs = True  # type: ignore[union-attr]
     x = torch.randn(2, 3, 8, 8)
     train_pair(ours, theirs, x, 4)
-    fused = spectral_fused._STATE[ours][2]
+    fused = engine_of(ours).fused  # type: ignore[union-attr]
     assert fused is not None and fused.use_graphs
     assert fused.fwd_graph.replays == 3 and fused.bwd_graph.replays == 3  # first step eager
     # two forwards before one backward: each backward replay gets its own forward's scalars
@@ -428,10 +444,6 @@ def test_fused_step_graph_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
         model.zero_grad()
         ((model(x) ** 2).sum() + (model(x * 2) ** 2).sum()).backward()
     assert_mixed_match(ours, theirs)
-
-
-def _with_graphs(original):  # type: ignore[no-untyped-def]
-    return lambda model, norms, use_graphs: original(model, norms, True)
 
 
 def test_fused_step_capture_failure_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -445,12 +457,12 @@ def test_fused_step_capture_failure_falls_back_with_a_warning(monkeypatch: pytes
     monkeypatch.setattr(spectral_fused, "_can_capture", lambda: True)
     monkeypatch.setattr(FusedSpectral, "_warm_up", lambda self, body, *args: body(*args))
     monkeypatch.setattr(FusedSpectral, "_capture", fail)
-    monkeypatch.setattr(spectral_fused, "fused_step", _with_graphs(spectral_fused.fused_step))
     ours, theirs = mixed_pair("fused")
+    engine_of(ours).cuda_graphs = True  # type: ignore[union-attr]
     x = torch.randn(2, 3, 8, 8)
     with pytest.warns(regfx.RegfxWarning, match="without CUDA graphs, capture failed"):
         train_pair(ours, theirs, x, 3)
-    assert not spectral_fused._STATE[ours][2].use_graphs
+    assert not engine_of(ours).fused.use_graphs  # type: ignore[union-attr]
 
 
 def cpu_replica(model: nn.Module) -> nn.Module:
@@ -470,7 +482,7 @@ def cpu_replica(model: nn.Module) -> nn.Module:
     return copies[id(model)]
 
 
-@pytest.mark.parametrize("path", [None, "fused", "batched"])
+@pytest.mark.parametrize("path", [None, "fused"])
 def test_dataparallel_replica_iterates_on_its_own_like_torch(path: str | None) -> None:
     ours, theirs = mixed_pair(path)
     before = copy.deepcopy(ours.state_dict())

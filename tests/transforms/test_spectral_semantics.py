@@ -3,9 +3,9 @@ gradients (a backward differentiated again, ``create_graph=True``) and complex w
 conjugate transpose in the power iteration, ``sigma = u^H W v`` and the backward). Reference:
 ``torch.nn.utils.parametrizations.spectral_norm`` from the same weights and the same ``u``/``v``.
 
-Every CPU path is covered: the per-layer forward (a lone layer, or the model's hook removed),
-``foreach`` (the CPU default of a transformed model), ``batched`` and ``fused`` (the GPU paths,
-run eagerly here). The CUDA-graph replay of the fused path needs a GPU and is not run here; a
+Every path is covered: the per-layer forward (a lone layer, or the model's engine removed),
+``foreach`` (the CPU default of a transformed model) and ``fused`` (the CUDA path, run eagerly
+here). The CUDA-graph replay of the fused path needs a GPU and is not run here; a
 differentiated backward never replays a graph (it runs the differentiable ops eagerly)."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import regfx
-from regfx.transforms import spectral, spectral_fused
+from regfx.transforms import spectral, spectral_engine, spectral_fused
 from regfx.transforms.spectral import _DivideBySigma, collect
+from regfx.transforms.spectral_engine import Path, engine_of
 
-PATHS = ["per-layer", "foreach", "batched", "fused"]
+PATHS = ["per-layer", "foreach", "fused"]
 
 
 class Net(nn.Module):
@@ -72,12 +73,13 @@ def make_pair(base: nn.Module, path: str, types: str) -> tuple[nn.Module, nn.Mod
     assert ours.state_dict().keys() == state.keys()
     ours.load_state_dict(state)  # same weights, same u/v
     norms = collect(ours)
-    assert norms and all(type(sn) is spectral.SpectralNorm for sn, _ in norms)
+    assert norms and all(type(m.norm) is spectral.SpectralNorm for m in norms)
     if path == "per-layer":
-        spectral.uninstall(ours)  # each layer iterates in its own forward
+        spectral_engine.uninstall(ours)  # each layer iterates in its own forward
     elif path != "foreach":  # foreach: the CPU default
-        assert len(norms) > 1
-        ours.__dict__["_regfx_path"] = path
+        engine = engine_of(ours)
+        assert engine is not None
+        engine.path = Path(path)
     return ours, theirs
 
 
@@ -120,23 +122,21 @@ def assert_same_state(ours: nn.Module, theirs: nn.Module, tol: float = 1e-5) -> 
 
 @pytest.mark.parametrize(("make", "types"), [(Net, "linear,conv"),
                                              (lambda: ComplexNet(torch.complex64), "linear")])
-def test_the_models_take_each_path(make: Callable[[], nn.Module], types: str) -> None:
-    """The models below go through each path as named (the batched path stacks a group of
-    same-shaped weights, the others iterate on their own)."""
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_the_models_take_each_path(make: Callable[[], nn.Module], types: str, path: str) -> None:
+    """The models below go through each fast path as named: every layer gets a prepared record
+    (with the normalized weight itself on the fused path) and uses it."""
     torch.manual_seed(0)
-    for path, kinds in (("foreach", {"divide"}), ("batched", {"scale"}), ("fused", {"ready"})):
-        model, _ = make_pair(make(), path, types)
-        norms = collect(model)
-        if path == "fused":
-            assert spectral_fused.fused_step(model, norms, use_graphs=False)
-        else:
-            (spectral.foreach_step if path == "foreach" else spectral.batched_step)(norms)
-        pending = [sn.__dict__.pop("_regfx_pending", (None,))[0] for sn, _ in norms]
-        assert kinds <= set(pending), path
-        if path == "batched":
-            assert pending.count("scale") >= 2 and None in pending
-        else:
-            assert set(pending) == kinds, path
+    model, _ = make_pair(make(), path, types)
+    engine = engine_of(model)
+    assert engine is not None
+    norms = [m.norm for m in engine.members]
+    engine.before_forward(model)
+    assert all(sn.prepared is not None for sn in norms)
+    assert all((sn.prepared.normalized is not None) == (path == "fused") for sn in norms)  # type: ignore[union-attr]
+    x = torch.randn(3, 2, 6, 6) if make is Net else torch.randn(3, 4, dtype=torch.complex64)
+    model(x)
+    assert all(sn.prepared is None for sn in norms)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -318,7 +318,8 @@ def test_complex_weights_match_torch(dtype: torch.dtype, path: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_complex_lone_layer_ends_with_norm_one(dtype: torch.dtype) -> None:
-    """The issue's case: a complex Linear normalized by regfx ended with norm 1.05, not 1."""
+    """A complex Linear ends with spectral norm 1 (the power iteration uses the conjugate
+    transpose)."""
     torch.manual_seed(0)
     layer = regfx.transform(nn.Linear(4, 3, dtype=dtype), spectral="linear")
     x = torch.randn(2, 4, dtype=dtype)

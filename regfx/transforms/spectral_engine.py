@@ -1,0 +1,175 @@
+"""The spectral-norm engine of a transformed model: one object, held by the model, that prepares
+all of its spectral norms before each training forward.
+
+Two training paths per device class, chosen in one place (:meth:`SpectralEngine.choose`):
+
+- per layer: each :class:`~regfx.transforms.spectral.SpectralNorm` iterates in its own forward
+  (any device; also every case the fast path does not cover);
+- the device's fast path, where measurements showed one pays: on CPUs
+  :func:`~regfx.transforms.spectral.prepare_foreach` (one matrix-vector product per layer and
+  half-step, the vector work as foreach ops over all layers); on CUDA
+  :class:`~regfx.transforms.spectral_fused.FusedSpectral` (every layer's power iteration, normalized
+  weight and weight gradient as one step replayed as CUDA graphs).
+
+The engine caches only which spectral norms the model has (their parametrization lists). Every
+step it reads the weights and ``u``/``v`` afresh, and each prepared record names the tensors it
+was computed from, which a layer checks before using it (see
+:meth:`~regfx.transforms.spectral.SpectralNorm.forward`): nothing cached can outlive or stand
+in for the tensors it was built from. It runs only for the model it was installed on (not for a
+``DataParallel`` replica, which shares its original's attributes but has its own tensors: there
+each layer iterates on its own, as torch's does), never while ``torch.compile`` traces (each
+layer then runs torch's own code) and never in eval mode.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from regfx.transforms.spectral import Member, SpectralNorm, collect, prepare_foreach
+from regfx.transforms.spectral_fused import FusedSpectral, eligible
+
+__all__ = ["ATTRIBUTE", "Path", "SpectralEngine", "engine_of", "install", "uninstall"]
+
+ATTRIBUTE = "_regfx_spectral_engine"
+"""The attribute of a transformed model's root module that holds its :class:`SpectralEngine`."""
+
+
+class Path(enum.Enum):
+    """A spectral-norm training path."""
+
+    PER_LAYER = "per-layer"
+    FOREACH = "foreach"  # the CPU fast path
+    FUSED = "fused"  # the CUDA fast path
+
+
+class SpectralEngine:
+    """Prepares the spectral norms of ``root`` before each of its training forwards.
+
+    Attributes:
+        root: the model it serves.
+        members: its spectral norms, each with the parametrization list holding it.
+        path: a path forced for every step (tests, benchmarks), or None to choose by device.
+        cuda_graphs: whether the fused path replays CUDA graphs; None: where the weights are
+            on CUDA.
+        fused: the fused step's buffers and graphs, while they fit the current tensors.
+        handles: the forward hooks it registered on ``root``.
+    """
+
+    def __init__(self, root: nn.Module, members: list[Member]) -> None:
+        self.root = root
+        self.members = members
+        self.path: Path | None = None
+        self.cuda_graphs: bool | None = None
+        self.fused: FusedSpectral | None = None
+        self.handles: list[RemovableHandle] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # buffers and CUDA graphs are rebuilt where they are needed (a deep copy, an unpickled
+        # model) rather than copied
+        return {**self.__dict__, "fused": None}
+
+    def choose(self, current: list[tuple[SpectralNorm, torch.Tensor]]) -> Path:
+        """The path for this step's ``(norm, weight)`` pairs: the device's fast path where they
+        can share one (two or more, dense where fused, one device, one ``eps`` and number of
+        power iterations), else per layer."""
+        if len(current) < 2:
+            return Path.PER_LAYER
+        sn0, w0 = current[0]
+        if any(w.device != w0.device or sn.eps != sn0.eps
+               or sn.n_power_iterations != sn0.n_power_iterations for sn, w in current):
+            return Path.PER_LAYER
+        if self.path is not None:
+            path = self.path
+        elif w0.device.type == "cpu":
+            path = Path.FOREACH
+        elif w0.device.type == "cuda":
+            path = Path.FUSED
+        else:
+            return Path.PER_LAYER
+        if path is Path.FUSED and not eligible(current):
+            return Path.PER_LAYER
+        return path
+
+    def before_forward(self, model: nn.Module) -> None:
+        """Prepare every spectral norm for ``model``'s training forward."""
+        if model is not self.root or not model.training:
+            return
+        current = []
+        for member in self.members:
+            weight = member.weight
+            if member.norm.training and weight.ndim >= 2 and not weight.is_meta:
+                current.append((member.norm, weight))
+        path = self.choose(current)
+        if path is Path.FOREACH:
+            with torch.autocast(current[0][1].device.type, enabled=False):
+                prepare_foreach(current)
+        elif path is Path.FUSED:
+            graphs = current[0][1].is_cuda if self.cuda_graphs is None else self.cuda_graphs
+            if (self.fused is None or self.fused.graphs_requested != graphs
+                    or not self.fused.current(current)):
+                self.fused = FusedSpectral(current, use_graphs=graphs)
+            self.fused.run()
+
+    def after_forward(self, model: nn.Module) -> None:
+        """Drop what a layer the forward did not call left unused (part of an autograd graph)."""
+        if model is not self.root:
+            return
+        for member in self.members:
+            if member.norm.prepared is not None:
+                member.norm.prepared = None
+
+    def remove(self) -> None:
+        """Remove the hooks and everything prepared."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for member in self.members:
+            member.norm.prepared = None
+        self.fused = None
+
+
+def _before_forward(model: nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():
+        return  # each layer runs torch's own code, which dynamo traces in the model's graph
+    engine = model.__dict__.get(ATTRIBUTE)
+    if engine is not None:
+        engine.before_forward(model)
+
+
+def _after_forward(model: nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
+    engine = model.__dict__.get(ATTRIBUTE)
+    if engine is not None:
+        engine.after_forward(model)
+
+
+def engine_of(model: nn.Module) -> SpectralEngine | None:
+    """The :class:`SpectralEngine` installed on ``model``, if any."""
+    return model.__dict__.get(ATTRIBUTE)
+
+
+def install(model: nn.Module) -> SpectralEngine | None:
+    """Give ``model`` a :class:`SpectralEngine` for its spectral norms (replacing any it had);
+    None, installing nothing, where it has fewer than two."""
+    uninstall(model)
+    members = collect(model)
+    if len(members) < 2:
+        return None
+    engine = SpectralEngine(model, members)
+    engine.handles = [model.register_forward_pre_hook(_before_forward),
+                      model.register_forward_hook(_after_forward)]
+    model.__dict__[ATTRIBUTE] = engine
+    return engine
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove ``model``'s :class:`SpectralEngine` and its hooks, if it has one."""
+    engine = model.__dict__.pop(ATTRIBUTE, None)
+    if engine is not None:
+        engine.remove()
