@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from regfx.errors import RegfxError
+from regfx.errors import OutputError, RegfxError
 
 __all__ = ["main", "cli"]
 
@@ -29,29 +30,95 @@ class _State:
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a partial file."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
+    """Write ``data`` to the output path ``path`` (``-o``) with nothing partial left behind.
+
+    - a new path or an existing regular file: a temporary file in the same folder, then a
+      rename; an existing file keeps its mode, a new one gets the umask's default;
+    - an existing device, FIFO or socket (``/dev/null``, ``/dev/stdout``, a pipe): written
+      through, as other command-line tools do, never replaced;
+    - a symlink: its target is written (by the rules above), the link stays.
+
+    Raises:
+        OutputError: an empty path, a path ending in a separator, a folder, a missing folder,
+            or the system refuses the write (the message names the path and the fix).
+    """
+    output = os.fspath(path)
+    _check_path_text(output)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    target = _output_target(output)
+    existing = _stat(target, output)
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        raise OutputError(f"cannot write {output!r}: it is a directory; give a file path")
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        try:
+            with open(target, "wb") as fh:
+                fh.write(payload)
+        except OSError as exc:
+            raise OutputError(f"cannot write {output!r}: {exc.strerror}; choose a writable "
+                              "-o path") from None
+        return
+    folder = target.parent
     if not folder.is_dir():
-        raise RegfxError(f"cannot write {str(target)!r}: folder {str(folder)!r} does not exist; "
-                         "create it or choose another -o path")
-    mode = "wb" if isinstance(data, bytes) else "w"
+        raise OutputError(f"cannot write {output!r}: folder {str(folder)!r} does not exist; "
+                          "create it or choose another -o path")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise RegfxError(f"cannot write {str(target)!r}: {exc.strerror}; choose a writable "
-                         "-o path") from None
+        raise OutputError(f"cannot write {output!r}: {exc.strerror}; choose a writable "
+                          "-o path") from None
     try:
-        with os.fdopen(fd, mode) as fh:
-            fh.write(data)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.chmod(tmp, stat.S_IMODE(existing.st_mode) if existing is not None else
+                 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise RegfxError(f"cannot write {str(target)!r}: {exc.strerror}; choose a writable "
-                             "-o path") from None
+            raise OutputError(f"cannot write {output!r}: {exc.strerror}; choose a writable "
+                              "-o path") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_path_text(output: str) -> None:
+    if not output:
+        raise OutputError("the -o path is empty; give a file path such as -o report.json")
+    if "\x00" in output:
+        raise OutputError(f"the -o path {output!r} contains a NUL character; give a file path")
+    if output.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise OutputError(f"the -o path {output!r} ends with a path separator; give a file "
+                          "path, not a folder")
+
+
+def _output_target(output: str) -> Path:
+    """The file ``-o output`` writes: a symlink's target, else the path itself."""
+    return Path(os.path.realpath(output)) if os.path.islink(output) else Path(output)
+
+
+def _stat(target: Path, output: str) -> os.stat_result | None:
+    try:
+        return os.stat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OutputError(f"cannot write {output!r}: {exc.strerror}; choose another -o path") \
+            from None
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,7 +137,11 @@ def cli(debug: bool) -> None:
               help="mermaid/dot: group modules deeper than N into their ancestor.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write to FILE (atomically) instead of stdout.")
-def show(model_spec: str, fmt: str, depth: int | None, output: str | None) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop with an error when loading or running the model "
+              "takes longer (default: no limit).")
+def show(model_spec: str, fmt: str, depth: int | None, output: str | None,
+         timeout: float | None) -> None:
     """Layer inventory of MODEL: counts by type, traced/opaque map, layer graph.
 
     MODEL is path/to/file.py, path/to/file.py:factory or package.module:factory.
@@ -79,9 +150,13 @@ def show(model_spec: str, fmt: str, depth: int | None, output: str | None) -> No
     from regfx.render.show import render_show
     from regfx.trace import trace
 
-    loaded = load_model(model_spec)
-    graph = trace(loaded.model, loaded.inputs())
-    text = render_show(loaded.model, graph, fmt, depth)
+    if output is not None:
+        _check_writable(output, _input_files([model_spec]))
+    with _model_code(model_spec, timeout):
+        loaded = load_model(model_spec)
+        graph = trace(loaded.model, loaded.inputs())
+        _check_inputs_fit(loaded, graph)
+        text = render_show(loaded.model, graph, fmt, depth)
     _emit(text, output)
 
 
@@ -112,8 +187,11 @@ def show(model_spec: str, fmt: str, depth: int | None, output: str | None) -> No
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 @click.option("--dry-run", is_flag=True, help="Show the plan; change and write nothing.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop with an error when loading or running the model "
+              "takes longer (default: no limit).")
 def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str, dry_run: bool,
-          **flags: Any) -> None:
+          timeout: float | None, **flags: Any) -> None:
     """Regularize MODEL and print what was inserted where.
 
     Configuration comes from [tool.regfx] in the nearest pyproject.toml, then --recipe FILE,
@@ -125,22 +203,31 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     from regfx.apply import apply_plan, save_checkpoint
     from regfx.load import load_model
     from regfx.recipe import NOT_GIVEN, resolve_recipe
+    from regfx.trace import trace
 
     # click gives None (and () for repeatable flags) for a flag not on the command line
     recipe = resolve_recipe(_config_recipe(model_spec, recipe_file), **{
         k: NOT_GIVEN if v is None or v == () else v for k, v in flags.items()})
-    if output and not dry_run:
-        _check_writable(output)
-    loaded = load_model(model_spec)
-    _require_parameters(loaded.model, model_spec, "regularize")
-    the_plan = regfx.plan(loaded.model, recipe, example_inputs=loaded.inputs())
-    for message in the_plan.warnings:
-        click.echo(f"regfx: warning: {message}", err=True)
-    if not dry_run:
-        # The loaded model is ours alone: apply the plan just printed to it, in place.
-        apply_plan(loaded.model, the_plan)
-        if output:
-            write_atomic(output, save_checkpoint(loaded.model))
+    if output is not None and not dry_run:
+        _check_writable(output, _input_files([model_spec], recipe_file))
+    with _model_code(model_spec, timeout):
+        loaded = load_model(model_spec)
+        _require_parameters(loaded.model, model_spec, "regularize")
+        graph = None
+        if recipe.dropout:
+            graph = trace(loaded.model, loaded.inputs())
+            _check_inputs_fit(loaded, graph)
+        the_plan = regfx.plan(loaded.model, recipe, graph=graph, example_inputs=loaded.inputs())
+        for message in the_plan.warnings:
+            click.echo(f"regfx: warning: {message}", err=True)
+        checkpoint = None
+        if not dry_run:
+            # The loaded model is ours alone: apply the plan just printed to it, in place.
+            apply_plan(loaded.model, the_plan)
+            if output is not None:
+                checkpoint = save_checkpoint(loaded.model)
+    if checkpoint is not None and output is not None:
+        write_atomic(output, checkpoint)
     if fmt == "json":
         data = the_plan.to_dict()
         data["model"] = type(loaded.model).__name__
@@ -149,7 +236,7 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(_plan_table(the_plan, type(loaded.model).__name__, dry_run), nl=False)
-    if output and not dry_run:
+    if output is not None and not dry_run:
         click.echo(f"checkpoint written to {output}")
 
 
@@ -168,8 +255,11 @@ AUDIT_FORMATS = ("text", "json", "markdown", "github", "junit")
               help="Previous JSON report: fail when coverage drops or a new finding appears.")
 @click.option("--fail-on", type=click.Choice(["error", "warning"]), default=None,
               help="Lowest severity that fails the audit (default: the policy's, else error).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop with an error when loading or running the model "
+              "takes longer (default: no limit).")
 def audit(model_specs: tuple[str, ...], fmt: str, output: str | None, policy_file: str | None,
-          baseline: str | None, fail_on: str | None) -> None:
+          baseline: str | None, fail_on: str | None, timeout: float | None) -> None:
     """Audit which parameters of each MODEL are regularized, and lint the regularization.
 
     Exit code 0 when every MODEL passes, 1 when one fails the policy, 2 on bad input (the
@@ -177,30 +267,35 @@ def audit(model_specs: tuple[str, ...], fmt: str, output: str | None, policy_fil
     """
     import regfx
     from regfx.audit.policy import Policy
-    from regfx.audit.report import read_baseline
+    from regfx.audit.report import load_baselines, pick_baseline
     from regfx.load import load_model
 
-    policy = Policy.from_toml(policy_file) if policy_file else \
+    policy = Policy.from_toml(policy_file) if policy_file is not None else \
         Policy.from_pyproject(_spec_folder(model_specs[0]))
     if policy is None:
         policy = Policy()
-    if output:
-        _check_writable(output)
-    if baseline:
-        read_baseline(baseline)  # bad baselines are input errors before any model is loaded
+    if output is not None:
+        _check_writable(output, _input_files(model_specs, policy_file, baseline))
+    # bad baselines are input errors before any model is loaded
+    baselines = load_baselines(baseline) if baseline is not None else None
     progress = sys.stderr.isatty() and len(model_specs) > 1
     reports, gates, worst = [], [], 0
     for i, spec in enumerate(model_specs, 1):
         if progress:
             click.echo(f"[{i}/{len(model_specs)}] auditing {spec} ...", err=True)
         try:
-            loaded = load_model(spec)
-            _require_parameters(loaded.model, spec, "audit")
-            optimizer = loaded.build_optimizer()
-            report = regfx.audit(loaded.model, optimizer, policy=policy,
-                                 example_inputs=loaded.inputs())
+            with _model_code(spec, timeout):
+                loaded = load_model(spec)
+                _require_parameters(loaded.model, spec, "audit")
+                optimizer = loaded.build_optimizer()
+                report = regfx.audit(loaded.model, optimizer, policy=policy,
+                                     example_inputs=loaded.inputs())
+                _check_inputs_fit(loaded, report.graph)
             report.source = spec
-            base = read_baseline(baseline, report.model, spec) if baseline else None
+            base = None
+            if baselines is not None and baseline is not None:
+                base = pick_baseline(baselines, baseline, report.model, spec,
+                                     only_model=len(model_specs) == 1)
         except RegfxError as exc:
             if len(model_specs) == 1:
                 raise
@@ -280,17 +375,75 @@ def _config_recipe(model_spec: str, recipe_file: str | None) -> Any:
     return recipe if recipe is not None else Recipe()
 
 
-def _check_writable(output: str) -> None:
-    target = Path(output)
-    folder = target.parent if str(target.parent) else Path(".")
+def _check_writable(output: str, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse an ``-o`` path before any work: empty, ending in a separator, a folder, one of
+    the command's ``inputs`` (model files, recipe, policy, baseline), or not writable."""
+    _check_path_text(output)
+    target = _output_target(output)
+    for source in inputs:
+        if _same_file(target, source):
+            raise OutputError(f"-o {output!r} is an input of this command ({str(source)!r}); "
+                              "choose another output path")
+    existing = _stat(target, output)
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        raise OutputError(f"cannot write {output!r}: it is a directory; give a file path")
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        if not os.access(target, os.W_OK):
+            raise OutputError(f"cannot write {output!r}: not writable; choose another -o path")
+        return
+    folder = target.parent
     if not folder.is_dir():
-        raise RegfxError(f"cannot write {output!r}: folder {str(folder)!r} does not exist; "
-                         "create it or choose another -o path")
-    if target.is_dir():
-        raise RegfxError(f"cannot write {output!r}: it is a directory; give a file path")
+        raise OutputError(f"cannot write {output!r}: folder {str(folder)!r} does not exist; "
+                          "create it or choose another -o path")
     if not os.access(folder, os.W_OK):
-        raise RegfxError(f"cannot write {output!r}: folder {str(folder)!r} is not writable; "
-                         "choose another -o path")
+        raise OutputError(f"cannot write {output!r}: folder {str(folder)!r} is not writable; "
+                          "choose another -o path")
+
+
+def _input_files(model_specs: Sequence[str], *others: str | None) -> list[str]:
+    """The files a command reads: each MODEL's file, the given recipe/policy/baseline files
+    and the pyproject.toml its settings may come from (an output must be none of them)."""
+    from regfx.load import model_file
+    from regfx.recipe import find_pyproject
+
+    files = [str(f) for f in (model_file(spec) for spec in model_specs) if f is not None]
+    files += [f for f in others if f]
+    with contextlib.suppress(OSError):
+        for spec in model_specs:
+            found = find_pyproject(_spec_folder(spec))
+            if found is not None:
+                files.append(str(found))
+    return files
+
+
+@contextlib.contextmanager
+def _model_code(spec: str, timeout: float | None) -> Iterator[None]:
+    """Where the model's own code runs (import, build, example inputs, forwards): what it
+    prints goes to stderr, never into the report; its ``SystemExit`` and other
+    ``BaseException``s become one-line errors; ``--timeout`` bounds it."""
+    from regfx.load import PASS_THROUGH, model_code_error, time_limit
+
+    not_model_exits: tuple[type[BaseException], ...] = (Exception, *PASS_THROUGH)
+    with time_limit(timeout, f"loading and running {spec}"), \
+            contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        except not_model_exits:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit & co. from model code
+            raise model_code_error(exc, f"the model code of {spec}",
+                                   "model code must return or raise an Exception, not exit") \
+                from None
+
+
+def _check_inputs_fit(loaded: Any, graph: Any) -> None:
+    """The file's own ``example_inputs()`` must run the forward (synthesized inputs may not)."""
+    from regfx.load import inputs_do_not_fit
+
+    failed = "the forward failed on the example inputs: "
+    error = getattr(graph, "observe_error", None) or ""
+    if loaded.example_inputs is not None and error.startswith(failed):
+        raise inputs_do_not_fit(loaded.model, error[len(failed):])
 
 
 def _plan_table(the_plan: Any, model_name: str, dry_run: bool) -> str:
@@ -312,7 +465,7 @@ def _plan_table(the_plan: Any, model_name: str, dry_run: bool) -> str:
 
 
 def _emit(text: str, output: str | None) -> None:
-    if output:
+    if output is not None:
         write_atomic(output, text)
     else:
         click.echo(text, nl=False)
@@ -324,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in args
     try:
         cli.main(args=args, prog_name="regfx", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("regfx: aborted", err=True)
         sys.exit(130)
     except click.exceptions.UsageError as exc:

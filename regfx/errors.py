@@ -11,7 +11,8 @@ class RegfxError(Exception):
 
 
 class LoadError(RegfxError):
-    """A MODEL argument could not be turned into an ``nn.Module``."""
+    """A MODEL argument could not be turned into an ``nn.Module``, or its code failed, exited
+    or ran past ``--timeout``."""
 
 
 class SelectionError(RegfxError):
@@ -20,6 +21,22 @@ class SelectionError(RegfxError):
 
 class TraceError(RegfxError):
     """Tracing could not proceed (raised only for misuse, never for untraceable code)."""
+
+
+class RecipeError(RegfxError):
+    """A recipe field has an invalid value, or a recipe file is unreadable or has unknown keys."""
+
+
+class PolicyError(RegfxError):
+    """A policy file or table is unreadable, has unknown keys or invalid values."""
+
+
+class BaselineError(RegfxError):
+    """A baseline report is unreadable, not JSON, or not a regfx audit report."""
+
+
+class OutputError(RegfxError):
+    """An output path (``-o``) is refused: empty, a folder, an input file, or not writable."""
 
 
 class RegfxWarning(UserWarning):

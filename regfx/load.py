@@ -11,8 +11,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,8 @@ from torch import nn
 from regfx.errors import LoadError
 from regfx.inputs import ExampleInputs, as_example_inputs
 
-__all__ = ["LoadedModel", "load_model", "DEFAULT_FACTORIES"]
+__all__ = ["LoadedModel", "load_model", "model_file", "inputs_do_not_fit", "DEFAULT_FACTORIES",
+           "time_limit", "model_code_error", "PASS_THROUGH"]
 
 DEFAULT_FACTORIES = ("build_model", "get_model", "model")
 
@@ -63,7 +68,9 @@ class LoadedModel:
         target = self.model if model is None else model
         try:
             opt = self.optimizer_factory(target)
-        except Exception as exc:  # noqa: BLE001 - user code; report in one line
+        except PASS_THROUGH:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - user code; report in one line
             raise LoadError(
                 f"build_optimizer() in {self.spec} raised {_describe(exc)}; "
                 "fix the function or remove it"
@@ -76,9 +83,70 @@ class LoadedModel:
         return opt
 
 
+class _Deadline(BaseException):
+    """Raised into model code by the ``--timeout`` alarm; not an ``Exception``, so that model
+    code catching ``Exception`` does not swallow it."""
+
+
+# Exceptions from model code that are not the model's failure: ^C, and the --timeout alarm.
+PASS_THROUGH: tuple[type[BaseException], ...] = (KeyboardInterrupt, _Deadline)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Bound the block to ``seconds`` of wall time (None or 0: no bound) with ``SIGALRM``.
+
+    Python code (``while True: pass``) stops at the deadline; a long C call (one big matmul)
+    stops when it returns. Needs the main thread of a POSIX system.
+
+    Raises:
+        LoadError: the block ran past the deadline (the message names ``what``), or
+            ``seconds`` is given where no alarm signal is available.
+    """
+    if not seconds:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread() \
+            or not hasattr(signal, "setitimer"):
+        raise LoadError("--timeout needs a POSIX system and the main thread; run without "
+                        "--timeout")
+
+    message = (f"{what} did not finish within {seconds:g} s (--timeout); look for an endless "
+               "loop in the model code or raise --timeout")
+    alarms = 0
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        nonlocal alarms
+        alarms += 1
+        if alarms > 1:
+            # Model code swallowed the first alarm (a bare except): nothing else stops it.
+            os.write(2, f"regfx: error: {message}\n".encode())
+            os._exit(2)
+        raise _Deadline
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    # A second alarm a second later, if the first one was swallowed, ends the process.
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    except _Deadline:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise LoadError(message) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def model_code_error(exc: BaseException, what: str, fix: str) -> LoadError:
+    """A one-line :class:`LoadError` for an exception model code raised while ``what``."""
+    return LoadError(f"{what} raised {_describe(exc)}; {fix}")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
+    if isinstance(exc, SystemExit):
+        first = f"{exc.code!r}" if exc.code is not None else ""
     where = ""
     tb = traceback.extract_tb(exc.__traceback__)
     if tb:
@@ -107,9 +175,14 @@ def _on_sys_path(folder: Path) -> Iterator[None]:
 
 
 def _import_file(path: Path, spec: str) -> ModuleType:
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:
+        raise LoadError(f"cannot read model file {_shown(path)}: {exc.strerror}; check the path "
+                        "in MODEL") from None
+    if not exists:
         raise LoadError(f"model file {str(path)!r} does not exist; check the path in {spec!r}")
-    if path.is_dir():
+    if is_dir:
         raise LoadError(f"{str(path)!r} is a directory; give a .py file (path/to/model.py)")
     name = f"regfx_model_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
@@ -126,13 +199,18 @@ def _import_file(path: Path, spec: str) -> ModuleType:
             raise LoadError(
                 f"syntax error in {path}:{exc.lineno}: {exc.msg}; fix the file"
             ) from exc
-        except Exception as exc:  # noqa: BLE001 - user code; report in one line
-            sys.modules.pop(name, None)
-            raise LoadError(f"importing {path} raised {_describe(exc)}; fix the file") from exc
-        except BaseException:
+        except PASS_THROUGH:
             sys.modules.pop(name, None)
             raise
+        except BaseException as exc:  # noqa: BLE001 - user code; report in one line
+            sys.modules.pop(name, None)
+            raise LoadError(f"importing {path} raised {_describe(exc)}; fix the file") from None
     return module
+
+
+def _shown(path: Path) -> str:
+    text = repr(str(path))
+    return text if len(text) <= 80 else text[:38] + "..." + text[-38:]
 
 
 def _import_package(dotted: str, spec: str) -> ModuleType:
@@ -143,8 +221,25 @@ def _import_package(dotted: str, spec: str) -> ModuleType:
             f"cannot import module {dotted!r} ({exc}); give path/to/file.py or an "
             f"installed package.module:factory"
         ) from exc
-    except Exception as exc:  # noqa: BLE001
-        raise LoadError(f"importing {dotted!r} raised {_describe(exc)}; fix the module") from exc
+    except PASS_THROUGH:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code; report in one line
+        raise LoadError(f"importing {dotted!r} raised {_describe(exc)}; fix the module") from None
+
+
+def model_file(spec: str) -> Path | None:
+    """The file a MODEL argument names (``path/to/file.py[:factory]``), or None for an
+    installed ``package.module:factory``."""
+    if not isinstance(spec, str) or not spec.strip():
+        return None
+    target, _ = _split_spec(spec.strip())
+    try:
+        is_path = Path(target).exists()
+    except (OSError, ValueError):
+        is_path = False
+    if target.endswith(".py") or "/" in target or "\\" in target or is_path:
+        return Path(target)
+    return None
 
 
 def load_model(spec: str) -> LoadedModel:
@@ -166,9 +261,15 @@ def load_model(spec: str) -> LoadedModel:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise LoadError("MODEL is empty; give path/to/file.py[:factory] or package.module:factory")
+    if "\x00" in spec:
+        raise LoadError("MODEL contains a NUL character; give path/to/file.py[:factory]")
     target, factory_name = _split_spec(spec.strip())
     source: Path | None
-    if target.endswith(".py") or "/" in target or "\\" in target or Path(target).exists():
+    try:
+        is_path = Path(target).exists()
+    except OSError:
+        is_path = True  # a name too long to be a module is a path; reading it says what is wrong
+    if target.endswith(".py") or "/" in target or "\\" in target or is_path:
         source = Path(target)
         module = _import_file(source, spec)
     else:
@@ -197,13 +298,27 @@ def load_model(spec: str) -> LoadedModel:
                 f"or name a factory with {target}:NAME"
             )
 
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise LoadError(f"{used} in {target} is a script module; script modules cannot be "
+                        "transformed; pass the eager module (the one given to torch.jit.script)")
     if isinstance(obj, nn.Module):
         model = obj
     elif callable(obj):
-        try:
-            model = obj()
-        except Exception as exc:  # noqa: BLE001 - user code; report in one line
-            raise LoadError(f"{used}() in {target} raised {_describe(exc)}; fix the factory") from exc
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                model = obj()
+            except PASS_THROUGH:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - user code; report in one line
+                raise LoadError(f"{used}() in {target} raised {_describe(exc)}; "
+                                "fix the factory") from None
+        if isinstance(model, torch.jit.ScriptModule):
+            # torch.jit.script's deprecation warning is noise next to this error: dropped.
+            raise LoadError(f"{used}() in {target} returned a script module; script modules "
+                            "cannot be transformed; pass the eager module (return the model "
+                            "before torch.jit.script)")
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
         if not isinstance(model, nn.Module):
             raise LoadError(
                 f"{used}() in {target} returned {type(model).__name__}, not an nn.Module; "
@@ -220,15 +335,54 @@ def load_model(spec: str) -> LoadedModel:
     if callable(make_inputs):
         try:
             example = make_inputs()
-        except Exception as exc:  # noqa: BLE001
+        except PASS_THROUGH:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - user code; report in one line
             raise LoadError(
                 f"example_inputs() in {target} raised {_describe(exc)}; fix it or remove it"
             ) from exc
     opt_factory = getattr(module, "build_optimizer", None)
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         spec=spec,
         source=source,
         example_inputs=example,
         optimizer_factory=opt_factory if callable(opt_factory) else None,
     )
+    _initialize_lazy(loaded)
+    return loaded
+
+
+def _initialize_lazy(loaded: LoadedModel) -> None:
+    """Lazy layers get their shapes from one forward on the file's ``example_inputs()``. The
+    model is this command's own (built by the factory), so it is initialized in place."""
+    model = loaded.model
+    lazy = sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+                   and m.has_uninitialized_params()})  # type: ignore[operator]
+    if not lazy:
+        return
+    inputs = loaded.inputs()
+    if inputs is None:
+        raise LoadError(f"{type(model).__name__} has lazy layers ({', '.join(lazy)}) that are not "
+                        "initialized; run one forward first, or define example_inputs() in "
+                        f"{loaded.source or loaded.spec} so that regfx can")
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs.call(model)
+    except PASS_THROUGH:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code; report in one line
+        raise inputs_do_not_fit(model, str(exc)) from None
+    finally:
+        model.train(training)
+
+
+def inputs_do_not_fit(model: nn.Module, error: str) -> LoadError:
+    """The error for example inputs the forward fails on; ``error`` is the forward's error."""
+    lines = error.strip().splitlines()
+    first = lines[0] if lines else "(no message)"
+    return LoadError(f"example_inputs() do not fit {type(model).__name__}.forward: {first}; "
+                     "make example_inputs() return what forward takes")

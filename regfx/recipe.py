@@ -12,14 +12,10 @@ from typing import Any
 
 import tomllib
 
-from regfx.errors import RegfxError
+from regfx.errors import RecipeError, RegfxError
 from regfx.select import parse_types
 
-__all__ = ["Recipe", "RecipeError", "find_pyproject", "read_toml", "table_key"]
-
-
-class RecipeError(RegfxError):
-    """A recipe field has an invalid value, or a recipe file is unreadable or has unknown keys."""
+__all__ = ["Recipe", "RecipeError", "find_pyproject", "read_toml", "regfx_table", "table_key"]
 
 
 POSITIONS = ("block", "output")
@@ -85,8 +81,24 @@ class Recipe:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        # A glob string is one glob; a list is a tuple (the dataclass is frozen and hashable).
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
     def validate(self) -> Recipe:
         """Check every field; return self. Raises RecipeError naming the field and value."""
+        if not isinstance(self.strict, bool):
+            raise RecipeError(f"strict must be true or false, got {self.strict!r}; "
+                              "use strict = true")
+        for name in ("dropout_position", "dropout_kind"):
+            if not isinstance(getattr(self, name), str):
+                raise RecipeError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.dropout is not None:
             p = self.dropout
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0) \
@@ -120,7 +132,8 @@ class Recipe:
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"{name} must be a list of glob strings, got {value!r}")
+                raise RecipeError(f"{name} must be a glob string or a list of glob strings, got "
+                                  f"{value!r}; e.g. {name} = ['encoder.*']")
         return self
 
     # -- conversions ------------------------------------------------------------------------
@@ -143,8 +156,13 @@ class Recipe:
             raise RecipeError(f"{source} must be a table of settings, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         kwargs: dict[str, Any] = {}
+        spelled: dict[str, Any] = {}
         for raw_key, value in data.items():
             key = table_key(raw_key, names, source, RecipeError)
+            if key in spelled:
+                raise RecipeError(f"{source} sets {key!r} twice, as {spelled[key]!r} and "
+                                  f"{raw_key!r}; keep one of them")
+            spelled[key] = raw_key
             if key in ("include", "exclude"):
                 if isinstance(value, str):
                     value = (value,)
@@ -157,11 +175,7 @@ class Recipe:
                 value = float(value)
             kwargs[key] = value
         try:
-            recipe = cls(**kwargs)
-        except TypeError as exc:  # pragma: no cover - guarded by the key check above
-            raise RecipeError(f"invalid {source}: {exc}") from None
-        try:
-            return recipe.validate()
+            return cls(**kwargs)
         except RecipeError as exc:
             raise RecipeError(f"{source}: {exc}") from None
 
@@ -176,15 +190,17 @@ class Recipe:
                 values (the message names the file, the key and the closest valid key).
         """
         p = Path(path)
-        table = read_toml(p)
-        tool = table.get("tool", {})
-        if isinstance(tool, dict) and "regfx" in tool:
-            table = tool["regfx"]
+        top = read_toml(p)
+        table = regfx_table(top, p, RecipeError)
+        if table is not None:
             where = f"[tool.regfx] of {p}"
+        elif "tool" in top:
+            raise RecipeError(f"{p} has no [tool.regfx] table (only [tool] tables of other "
+                              "tools); add [tool.regfx] or pass a file with the recipe keys at "
+                              "the top level")
         else:
-            where = str(p)
-        if isinstance(table, dict):
-            table = {k: v for k, v in table.items() if k != "audit"}
+            table, where = top, str(p)
+        table = {k: v for k, v in table.items() if k != "audit"}
         return cls.from_dict(table, where)
 
     @classmethod
@@ -193,7 +209,7 @@ class Recipe:
         found = find_pyproject(start)
         if found is None:
             return None
-        table = read_toml(found).get("tool", {}).get("regfx")
+        table = regfx_table(read_toml(found), found, RecipeError)
         if table is None:
             return None
         table = {k: v for k, v in table.items() if k != "audit"}
@@ -222,18 +238,60 @@ def table_key(raw_key: Any, valid: Sequence[str], source: str,
 
 
 def read_toml(path: Path, error: type[RegfxError] = RecipeError, what: str = "recipe") -> dict[str, Any]:
-    """Parse a TOML file; every failure is one ``error`` naming the file and the fix."""
+    """Parse a TOML file; every failure is one ``error`` naming the file and the fix.
+
+    A UTF-8 byte order mark is accepted; other encodings, and nesting too deep to parse, are
+    errors.
+    """
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = fh.read()
     except FileNotFoundError:
         raise error(f"{what} file {str(path)!r} does not exist; check the path") from None
     except IsADirectoryError:
         raise error(f"{what} path {str(path)!r} is a directory; give a TOML file") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} file {str(path)!r}: {exc.strerror}; check the path") \
+            from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                    f"{exc.start}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{path} is not valid TOML ({exc}); fix the syntax") from None
-    except OSError as exc:
-        raise error(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except RecursionError:
+        raise error(f"{path} nests tables or arrays too deeply to read; flatten it") from None
+
+
+def regfx_table(top: dict[str, Any], path: Path, error: type[RegfxError] = RecipeError
+                ) -> dict[str, Any] | None:
+    """The ``[tool.regfx]`` table of a parsed TOML file, or None when it has none.
+
+    Raises ``error`` when ``tool`` or ``tool.regfx`` is not a table (``tool = "x"``,
+    ``[tool] regfx = 5``, ``[[tool.regfx]]``).
+    """
+    if "tool" not in top:
+        return None
+    tool = top["tool"]
+    if not isinstance(tool, dict):
+        raise error(f"tool in {path} must be a table ([tool.regfx]), got {_kind(tool)}; "
+                    "write the settings under [tool.regfx]")
+    if "regfx" not in tool:
+        return None
+    table = tool["regfx"]
+    if not isinstance(table, dict):
+        raise error(f"tool.regfx in {path} must be a table ([tool.regfx]), got {_kind(table)}; "
+                    "write the settings under [tool.regfx]")
+    return table
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return "an array of tables ([[...]])"
+    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def find_pyproject(start: str | Path = ".") -> Path | None:

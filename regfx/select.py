@@ -190,9 +190,10 @@ def _import_class(path: str) -> type:
     module_path, _, cls_name = path.rpartition(".")
     try:
         mod = importlib.import_module(module_path)
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to import is the user's path
         raise SelectionError(
-            f"cannot import {module_path!r} for layer type {path!r} ({exc}); "
+            f"cannot import {module_path!r} for layer type {path!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             f"check the dotted class path or use one of: {', '.join(WORDS)}"
         ) from None
     cls = getattr(mod, cls_name, None)
@@ -200,6 +201,15 @@ def _import_class(path: str) -> type:
         raise SelectionError(
             f"{path!r} is not a class; give a dotted path to an nn.Module subclass "
             f"or one of: {', '.join(WORDS)}"
+        )
+    try:
+        is_module = issubclass(cls, nn.Module)
+    except TypeError:
+        is_module = False
+    if not is_module:
+        raise SelectionError(
+            f"layer type {path!r} is not an nn.Module subclass; give a dotted path to a layer "
+            f"class (mypkg.blocks.MyLinear) or one of: {', '.join(WORDS)}"
         )
     return cls
 
@@ -209,7 +219,10 @@ def check_word_return_reason(word: str) -> str:
     if word in _PREDICATES:
         return ""
     if "." in word:
-        return ""
+        if all(part.isidentifier() for part in word.split(".")):
+            return ""
+        return (f"layer type {word!r} is not a dotted class path (each part a Python name, "
+                f"mypkg.blocks.MyLinear); use one of: {', '.join(WORDS)} or a class path")
     close = difflib.get_close_matches(word, WORDS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown layer type {word!r}{hint}; expected one of: {', '.join(WORDS)} or a dotted class path"

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regfx.errors import RegfxError
-from regfx.recipe import find_pyproject, read_toml, table_key
+from regfx.errors import PolicyError, RegfxError
+from regfx.recipe import find_pyproject, read_toml, regfx_table, table_key
 from regfx.select import parse_types
 
 __all__ = ["Policy", "PolicyError", "FAIL_ON"]
@@ -32,10 +32,6 @@ __all__ = ["Policy", "PolicyError", "FAIL_ON"]
 FAIL_ON = ("error", "warning")
 _KEYS = ("fail_on", "min_coverage", "select", "ignore", "require", "per_module_ignores")
 _CODE = re.compile(r"^RFX\d{0,3}$")
-
-
-class PolicyError(RegfxError):
-    """A policy file or table is unreadable, has unknown keys or invalid values."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +57,26 @@ class Policy:
     require: dict[str, tuple[str, ...]] = field(default_factory=dict)
     per_module_ignores: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A string is one code; a list is a tuple. Anything else is refused here, by name.
+        for name in ("select", "ignore"):
+            object.__setattr__(self, name, _str_tuple(getattr(self, name), name))
+        for name in ("require", "per_module_ignores"):
+            table = getattr(self, name)
+            if not isinstance(table, dict):
+                raise PolicyError(f"{name} must be a dict of string -> list of strings, got "
+                                  f"{table!r}")
+            for key in table:
+                if not isinstance(key, str):
+                    raise PolicyError(f"{name} keys must be strings, got {key!r}")
+            object.__setattr__(self, name, {k: _str_tuple(v, f"{name}.{k}")
+                                            for k, v in table.items()})
+
     def validate(self, source: str = "policy") -> Policy:
         """Check every field; return self. Raises PolicyError naming the key and the value."""
         from regfx.audit.inspect import KINDS
 
-        if self.fail_on not in FAIL_ON:
+        if not isinstance(self.fail_on, str) or self.fail_on not in FAIL_ON:
             raise PolicyError(f"{source}: fail_on must be one of {', '.join(FAIL_ON)}, "
                               f"got {self.fail_on!r}")
         mc = self.min_coverage
@@ -98,8 +109,13 @@ class Policy:
         if not isinstance(data, dict):
             raise PolicyError(f"{source} must be a table, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}
+        spelled: dict[str, Any] = {}
         for raw_key, value in data.items():
             key = table_key(raw_key, _KEYS, source, PolicyError)
+            if key in spelled:
+                raise PolicyError(f"{source} sets {key!r} twice, as {spelled[key]!r} and "
+                                  f"{raw_key!r}; keep one of them")
+            spelled[key] = raw_key
             if key in ("select", "ignore"):
                 value = _str_tuple(value, f"{source}: {key}")
             elif key == "require":
@@ -116,22 +132,25 @@ class Policy:
             elif key == "min_coverage" and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             kwargs[key] = value
-        return cls(**kwargs).validate(source)
+        try:
+            policy = cls(**kwargs)
+        except PolicyError as exc:
+            raise PolicyError(f"{source}: {exc}") from None
+        return policy.validate(source)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Policy:
         """Read a policy file: its ``[tool.regfx.audit]`` table if present, else the top level."""
         p = Path(path)
-        table = _read(p)
-        tool = table.get("tool")
-        if isinstance(tool, dict):
-            regfx = tool.get("regfx", {})
-            audit = regfx.get("audit") if isinstance(regfx, dict) else None
+        top = _read(p)
+        regfx = regfx_table(top, p, PolicyError)
+        if regfx is not None or "tool" in top:
+            audit = regfx.get("audit") if regfx is not None else None
             if audit is None:
                 raise PolicyError(f"{p} has no [tool.regfx.audit] table; add one or pass a file "
                                   "with the policy keys at the top level")
             return cls.from_dict(audit, f"[tool.regfx.audit] of {p}")
-        return cls.from_dict(table, str(p))
+        return cls.from_dict(top, str(p))
 
     @classmethod
     def from_pyproject(cls, start: str | Path = ".") -> Policy | None:
@@ -139,8 +158,8 @@ class Policy:
         found = find_pyproject(start)
         if found is None:
             return None
-        table = _read(found).get("tool", {}).get("regfx", {})
-        audit = table.get("audit") if isinstance(table, dict) else None
+        regfx = regfx_table(_read(found), found, PolicyError)
+        audit = regfx.get("audit") if regfx is not None else None
         if audit is None:
             return None
         return cls.from_dict(audit, f"[tool.regfx.audit] of {found}")
@@ -182,7 +201,12 @@ def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise PolicyError(f"{where} must be a string or a list of strings, got {value!r}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise PolicyError(f"{where} must be a string or a list of strings, got {shown}; "
+                      "e.g. [\"RFX101\", \"RFX2\"]" if "require" not in where else
+                      f"{where} must be a string or a list of strings, got {shown}; "
+                      "e.g. [\"weight_decay\"]")
 
 
 def _read(path: Path) -> dict[str, Any]:
