@@ -16,6 +16,7 @@ from regfx.errors import LoadError, RegfxError, SelectionError, TraceError
 from regfx.graph import ModelGraph
 from regfx.recipe import Recipe, RecipeError
 from regfx.select import WORDS, parse_types, select_layers
+from regfx.state import RegfxState, state_of
 from regfx.trace import trace
 from regfx.transforms.penalty import penalty
 
@@ -32,6 +33,7 @@ __all__ = [
     "Plan",
     "Policy",
     "Recipe",
+    "RegfxState",
     "WORDS",
     "audit",
     "bake",
@@ -42,6 +44,7 @@ __all__ = [
     "plan",
     "save_checkpoint",
     "select_layers",
+    "state_of",
     "trace",
     "transform",
 ]

@@ -18,7 +18,8 @@ from regfx.errors import RegfxError, RegfxWarning, SelectionError
 from regfx.graph import ModelGraph
 from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
 from regfx.select import parse_types, select_layers
-from regfx.trace import trace
+from regfx.state import RegfxState, attach_state, drop_state, state_of
+from regfx.trace import TraceCache, trace
 from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
 from regfx.transforms.norms import ZERO_WEIGHT, NormSite, apply_norms, fold_norms, plan_norms
 from regfx.transforms.penalty import PenaltySpec, apply_penalty, plan_penalty, remove_penalty
@@ -158,7 +159,11 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
             (``strict``) a layer word matching no layer.
     """
     _check_model(model)
-    rec = resolve_recipe(recipe, **overrides)
+    return _plan(model, resolve_recipe(recipe, **overrides), graph, example_inputs, None)
+
+
+def _plan(model: nn.Module, rec: Recipe, graph: ModelGraph | None, example_inputs: Any,
+          cache: TraceCache | None) -> Plan:
     messages: list[str] = []
     if rec.dropout is not None:
         messages += _unmatched(model, rec.dropout_after, "dropout_after")
@@ -171,7 +176,7 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
                              "--strict")
     result = Plan(recipe=rec, warnings=messages)
     if rec.dropout is not None and rec.dropout > 0:
-        g = graph if graph is not None else trace(model, example_inputs)
+        g = graph if graph is not None else trace(model, example_inputs, cache=cache)
         sites, skipped = plan_dropout(model, g, rec.dropout, rec.dropout_after,
                                       rec.dropout_position, rec.dropout_kind, rec.include,
                                       rec.exclude)
@@ -257,10 +262,11 @@ def transform(
         # Another recipe: undo regfx's own edits so the new one is planned from the model's
         # structure, not around the old dropout (norms are folded only where they change).
         _strip(target, previous, rec)
-    result = plan(target, rec, example_inputs=example_inputs)
+    traces = TraceCache()
+    result = _plan(target, rec, None, example_inputs, traces)
     for message in result.warnings:
         warnings.warn(message, RegfxWarning, stacklevel=2)
-    apply_plan(target, result)
+    apply_plan(target, result, traces)
     return target
 
 
@@ -271,24 +277,28 @@ def _strip(model: nn.Module, previous: Recipe, new: Recipe) -> None:
     norm_fields = ("spectral", "weight_norm", "n_power_iterations", "include", "exclude")
     if any(getattr(previous, f) != getattr(new, f) for f in norm_fields):
         fold_norms(model)
-    model.__dict__.pop("_regfx_recipe", None)
-    model.__dict__.pop("_regfx_sites", None)
+    drop_state(model)
 
 
-def apply_plan(model: nn.Module, result: Plan) -> None:
-    """Apply a :class:`Plan` made for ``model`` (the only function that mutates)."""
+def apply_plan(model: nn.Module, result: Plan, traces: TraceCache | None = None) -> None:
+    """Apply a :class:`Plan` made for ``model`` (the only function that mutates).
+
+    ``traces``: the one-level traces planning made of ``model``, reused for the edits and
+    kept in the model's state for later audits.
+    """
+    traces = traces if traces is not None else TraceCache()
     apply_norms(model, result.norms)
-    apply_dropout(model, result.dropout)
+    apply_dropout(model, result.dropout, traces)
     if result.penalty is not None:
         apply_penalty(model, result.penalty)
-    model.__dict__["_regfx_recipe"] = result.recipe.to_dict()
-    model.__dict__["_regfx_sites"] = result.sites_dict()
+    attach_state(model, RegfxState(recipe=result.recipe.to_dict(), sites=result.sites_dict(),
+                                   traces=traces))
 
 
 def recipe_of(model: nn.Module) -> Recipe | None:
     """The recipe ``model`` was transformed with, or None."""
-    data = model.__dict__.get("_regfx_recipe")
-    return Recipe.from_dict(data) if data else None
+    state = state_of(model)
+    return Recipe.from_dict(state.recipe) if state is not None and state.recipe else None
 
 
 def bake(model: nn.Module) -> nn.Module:
@@ -302,8 +312,7 @@ def bake(model: nn.Module) -> nn.Module:
     remove_dropout(out)
     fold_norms(out)
     remove_penalty(out)
-    out.__dict__.pop("_regfx_recipe", None)
-    out.__dict__.pop("_regfx_sites", None)
+    drop_state(out)
     return out
 
 
@@ -381,13 +390,13 @@ def save_checkpoint(model: nn.Module, path: str | Path | io.BytesIO | None = Non
 
     Returns the bytes; writes them to ``path`` when given (not atomically: the CLI does that).
     """
-    rec = model.__dict__.get("_regfx_recipe")
+    state = state_of(model)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model": type(model).__name__,
-        "recipe": rec,
-        "plan": model.__dict__.get("_regfx_sites"),
+        "recipe": state.recipe if state is not None else None,
+        "plan": state.sites if state is not None else None,
         "state_dict": model.state_dict(),
     }
     buf = io.BytesIO()

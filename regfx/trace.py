@@ -27,7 +27,9 @@ nothing behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import math
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
@@ -60,6 +62,9 @@ class _OneLevelTracer(fx.Tracer):
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
         self._traced_root = root
+        # the ids of the unpatched math functions: inside shared_fx_patches the math module
+        # holds patched ones, which must not be wrapped again
+        self._autowrap_function_ids = _AUTOWRAP_IDS
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m is not self._traced_root
@@ -69,6 +74,34 @@ class _OneLevelTracer(fx.Tracer):
 def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        yield
+
+
+_AUTOWRAP_IDS: set[int] = set(fx.Tracer()._autowrap_function_ids)  # builtins: never freed; read only
+
+
+@contextlib.contextmanager
+def shared_fx_patches() -> Iterator[None]:
+    """Keep torch.fx's function patches (``math.*`` and the ``torch.fx.wrap`` functions) in
+    place across many traces, instead of each trace making and reverting them.
+
+    torch.fx dedupes a patch an outer patcher already made, and a patched function records
+    into whichever tracer owns the proxy it is called with, so the traces are the same; each
+    costs a fraction (most of a small trace is patching). Reverted on exit, as each trace's
+    own patches are.
+    """
+    try:
+        from torch.fx import _symbolic_trace as st
+
+        new_patcher = st._new_patcher
+        wrap_all = st._patch_wrapped_functions
+        autowrap = st._autowrap_check
+    except (ImportError, AttributeError):  # another torch: each trace patches for itself
+        yield
+        return
+    with new_patcher() as patcher:
+        wrap_all(patcher)
+        autowrap(patcher, math.__dict__, _AUTOWRAP_IDS)
         yield
 
 
@@ -168,31 +201,59 @@ _PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
 _MODULE_STATE = frozenset(vars(nn.Module()).keys())
 
 
-def _attrs_key(module: nn.Module) -> tuple[tuple[Any, ...], ...]:
+def _attrs_key(module: nn.Module, blind: bool = False) -> tuple[tuple[Any, ...], ...]:
     """The instance attributes of ``module`` outside nn.Module's own state: plain values (ints,
-    strings, flags, tuples of them) by value, anything else by identity."""
+    strings, flags, tuples of them) by value, anything else by identity. Never the
+    ``_regfx_*`` attributes regfx keeps on a module (no forward reads them); ``blind``: nor
+    the tensor constants torch.fx stored on a module it traced for an edit."""
     attrs: list[tuple[Any, ...]] = []
     for key, value in module.__dict__.items():
-        if key in _MODULE_STATE:
+        if key in _MODULE_STATE or key.startswith("_regfx_") or (
+                blind and key.startswith("_tensor_constant")):
             continue
         if isinstance(value, _PRIMITIVES) or (
                 isinstance(value, tuple) and all(isinstance(v, _PRIMITIVES) for v in value)):
             attrs.append((key, value))
         else:
-            attrs.append((key, "id", id(value)))
+            attrs.append((key, _Same(value)))
     return tuple(attrs)
 
 
-def _class_key(module: nn.Module | None) -> Any:
+class _Same:
+    """A key part equal only to the same object (holding it, so its ``id`` is never reused
+    while the key lives)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def _class_key(module: nn.Module | None, blind: bool = False) -> Any:
     """A child's class, seen through torch's per-instance ``Parametrized*`` classes (every
-    parametrized layer gets a class of its own; a one-level trace only calls it)."""
+    parametrized layer gets a class of its own; a one-level trace only calls it).
+
+    ``blind``: also through what regfx adds: a parametrization is no part of the key, and a
+    class regfx generated for an edited forward counts as the class it was made from.
+    """
     cls = type(module)
     if module is not None and getattr(cls, "__module__", "") == "torch.nn.utils.parametrize":
-        return (cls.__bases__[0], "parametrized", tuple(module.parametrizations))  # type: ignore[union-attr, arg-type]
+        if blind:
+            cls = cls.__bases__[0]
+        else:
+            return (cls.__bases__[0], "parametrized", tuple(module.parametrizations))  # type: ignore[union-attr, arg-type]
+    if blind:
+        cls = cls.__dict__.get("_regfx_base", cls)
     return cls
 
 
-def trace_signature(module: nn.Module) -> tuple[Any, ...]:
+def trace_signature(module: nn.Module, blind: bool = False) -> tuple[Any, ...]:
     """A key under which two modules trace to the same one-level graph.
 
     The class, every instance attribute (plain values by value, anything else by identity), and
@@ -201,16 +262,92 @@ def trace_signature(module: nn.Module) -> tuple[Any, ...]:
     and buffers exist, and the training flag. Two blocks of a deep stack share a key; a block
     whose flag or child differs does not. Used to trace each distinct block once (per call-site
     specialization).
+
+    ``blind=True`` gives the key blind to what regfx adds to the children (parametrizations,
+    inserted dropout, regenerated classes, its own attributes). It is valid only for a graph
+    that calls its children without reaching into them (see :class:`TraceCache`).
     """
+    def kids(c: nn.Module) -> tuple[str, ...]:
+        if blind:
+            return tuple(k for k in c._modules if not is_inserted_path(k))
+        return tuple(c._modules)
+
     return (
         type(module), _attrs_key(module),
-        tuple((n, _class_key(c), _attrs_key(c) if c is not None else (),
-               tuple(c._modules) if c is not None else ())  # a loop over a child's children
-              for n, c in module._modules.items()),
+        tuple((n, _class_key(c, blind), _attrs_key(c, blind) if c is not None else (),
+               kids(c) if c is not None else ())  # a loop over a child's children
+              for n, c in module._modules.items()
+              if not (blind and is_inserted_path(n))),
         tuple((n, p is None) for n, p in module._parameters.items()),
         tuple((n, b is None) for n, b in module._buffers.items()),
         module.training,
     )
+
+
+def _reaches_into_children(graph: fx.Graph) -> bool:
+    """Whether a one-level graph reads a child's attribute (``self.qkv.weight``) or calls a
+    module below a child (``self.qkv.parametrizations.weight``), not only its direct children
+    and its own attributes (a ``self.blocks[0]`` call is a child's child, named in the key)."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and "." in str(node.target):
+            return True
+        if node.op == "call_module" and is_inserted_path(str(node.target)):
+            return True
+    return False
+
+
+class TraceCache:
+    """One-level symbolic traces, keyed by :func:`trace_signature` and call-site specialization.
+
+    Identical blocks of one model share a trace. A transformed model keeps the cache its
+    transform filled, so auditing it re-traces only the modules the transform edited (their
+    class, children or parametrizations changed, and with them the key). The key holds every
+    object it compares by identity, so an entry never matches a different module by a reused
+    ``id``.
+    """
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple[Any, ...], fx.Graph | str] = {}
+        # graphs that only call their children, under keys blind to what regfx adds to a
+        # child (a parametrization, an inserted dropout): those do not change such a graph
+        self._blind: dict[tuple[Any, ...], fx.Graph] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, module: nn.Module, spec: Spec = ()) -> fx.Graph | str:
+        """The shared one-level graph of ``module`` under ``spec`` (do not edit it), or the
+        first line of why it does not trace."""
+        coarse = (trace_signature(module, blind=True), spec)
+        shared = self._blind.get(coarse)
+        if shared is not None:
+            return shared
+        key = (trace_signature(module), spec)
+        found: fx.Graph | str | None = self._graphs.get(key)
+        if found is None:
+            try:
+                found = trace_module(module, spec)
+            except Exception as exc:  # noqa: BLE001 - any failure means "does not trace"
+                found = _first_line(exc)
+            self._graphs[key] = found
+            if isinstance(found, fx.Graph) and not _reaches_into_children(found):
+                self._blind[coarse] = found
+        return found
+
+    def editable(self, module: nn.Module, spec: Spec = ()) -> fx.Graph:
+        """A fresh copy of ``module``'s one-level graph under ``spec``, to edit (a fresh trace
+        where torch.fx made tensor constants: it stores them on the traced module).
+
+        Raises whatever torch.fx raises when the forward does not trace.
+        """
+        found = self.get(module, spec)
+        if isinstance(found, str) or any(
+                n.op == "get_attr" and str(n.target).startswith("_tensor_constant")
+                for n in found.nodes):
+            # raises the full error; or stores the tensor constants torch.fx made on the
+            # module itself, where the code generated from the graph reads them
+            return trace_module(module, spec)
+        return copy.deepcopy(found)  # torch.fx's own copy: node names and codegen kept
 
 
 def op_name(node: fx.Node) -> str:
@@ -286,7 +423,7 @@ class _Builder:
     """Stitches per-call graphs (symbolic or observed) of every module into one DiGraph."""
 
     def __init__(self, model: nn.Module, observation: Observation | None,
-                 cache: dict[tuple[Any, ...], fx.Graph | str]) -> None:
+                 cache: TraceCache) -> None:
         self.model = model
         self.obs = observation
         self.g = nx.DiGraph()
@@ -308,15 +445,7 @@ class _Builder:
 
     def _symbolic(self, mod: nn.Module, spec: Spec) -> fx.Graph | str:
         """The one-level graph of ``mod`` under ``spec``, or the reason it does not trace."""
-        key = (trace_signature(mod), spec)
-        found = self.cache.get(key)
-        if found is None:
-            try:
-                found = trace_module(mod, spec)
-            except Exception as exc:  # noqa: BLE001 - any failure means "does not trace"
-                found = _first_line(exc)
-            self.cache[key] = found
-        return found
+        return self.cache.get(mod, spec)
 
     def _frame(self, name: str, idx: int) -> Frame | None:
         if self.obs is None:
@@ -712,7 +841,7 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | No
 
 
 def trace(model: nn.Module, example_inputs: Any = None, *,
-          observe_forward: bool | str = "auto") -> ModelGraph:
+          observe_forward: bool | str = "auto", cache: TraceCache | None = None) -> ModelGraph:
     """Trace ``model`` into a :class:`ModelGraph`, never giving up on untraceable code.
 
     Args:
@@ -728,6 +857,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
         observe_forward: ``"auto"`` (default) runs the example forward when some forward does
             not trace symbolically (where every one traces, the symbolic graph is already the
             exact dataflow); True always runs it; False never does.
+        cache: one-level traces to reuse and fill (a transformed model's own cache, or one
+            shared by several traces of the same model); None: a fresh one.
 
     Returns:
         The graph: exact dataflow where forwards trace or were observed, opaque nodes (with
@@ -754,10 +885,11 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
         raise TraceError(f"observe_forward must be True, False or 'auto', got {observe_forward!r}")
     observation: Observation | None = None
     inputs: ExampleInputs | None = None
-    cache: dict[tuple[Any, ...], fx.Graph | str] = {}
+    cache = cache if cache is not None else TraceCache()
     with preserved(model):
         builder = _Builder(model, None, cache)
-        builder.build()
+        with shared_fx_patches():
+            builder.build()
         error: str | None = "not run (observe_forward=False)"
         if observe_forward is True or (observe_forward == "auto" and builder.opaque):
             error, inputs, observation = _observe(model, example_inputs)
@@ -765,7 +897,8 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
             error = "not needed: every forward traced symbolically"
         if observation is not None:
             builder = _Builder(model, observation, cache)
-            builder.build()
+            with shared_fx_patches():
+                builder.build()
     assign_roles(builder.g, builder.modules)
     return ModelGraph(
         nx=builder.g,

@@ -148,7 +148,7 @@ def test_a_different_recipe_replans_from_the_model_structure() -> None:
         == [{"kind": "dropout", "p": 0.3, "via": next(iter(drops))}]
     # the same recipe again changes nothing, and keeps the stored sites
     again = regfx.transform(other, dropout=0.3)
-    assert again.__dict__["_regfx_sites"] == other.__dict__["_regfx_sites"]
+    assert regfx.state.state_of(again).sites == regfx.state.state_of(other).sites
     # norms change only where the recipe changes them
     normed = regfx.transform(once, dropout=0.1, spectral="linear")
     back = regfx.transform(normed, dropout=0.1)

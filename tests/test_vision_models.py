@@ -7,6 +7,7 @@ pair and sets ``CI``, where a missing one is a failure, not a skip.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable
@@ -279,3 +280,12 @@ def test_checkpointing_does_not_change_the_placement(name: str) -> None:
     model.set_grad_checkpointing(True)
     checkpointed = inserted(transform_quietly(model, **RECIPE, example_inputs=(x,)))
     assert sorted(checkpointed) == sorted(plain)
+
+
+@pytest.mark.parametrize("name", ["tv_efficientnet_b0", "tv_swin_t", "timm_vit_tiny",
+                                  "timm_convnext_atto"])
+def test_the_audit_reusing_the_transforms_traces_equals_a_fresh_audit(name: str) -> None:
+    build, _ = _cases()[name]
+    out = transform_quietly(build(), dropout=0.1, dropout_after="linear,conv", spectral="conv")
+    assert len(regfx.state_of(out).traces) > 0
+    assert regfx.audit(out).to_dict() == regfx.audit(copy.deepcopy(out)).to_dict()

@@ -29,7 +29,7 @@ from torch import nn
 from regfx.errors import RegfxError, RegfxWarning
 from regfx.graph import ModelGraph, is_dropout_module
 from regfx.select import is_inserted_path, is_linear_like, select_layers
-from regfx.trace import trace_module, trace_signature
+from regfx.trace import TraceCache, shared_fx_patches, trace_signature
 
 __all__ = ["DropoutSite", "plan_dropout", "apply_dropout", "make_dropout", "remove_dropout",
            "dropout_output_hook", "restore_classes"]
@@ -337,7 +337,8 @@ def _fast_module_lookups(src: str, graph: Any) -> str:
 
 
 def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
-                    spec: tuple[tuple[str, Any], ...], gen: _Codegen) -> tuple[Any, Any]:
+                    spec: tuple[tuple[str, Any], ...], gen: _Codegen,
+                    cache: TraceCache) -> tuple[Any, Any]:
     """The owner's forward regenerated with the edits: ``(train-mode code, eval-mode code)``
     (one function twice when torch.fx traced the same code in both modes)."""
     codes: dict[bool, tuple[str, dict[str, Any]]] = {}
@@ -346,7 +347,7 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
     for mode in modes:
         owner.training = mode
         try:
-            graph = trace_module(owner, spec)
+            graph = cache.editable(owner, spec)
         finally:
             owner.training = original
         nodes = {n.name: n for n in graph.nodes}
@@ -503,8 +504,14 @@ def _swap_forward(owner: nn.Module, forward: Any, classes: dict[Any, type] | Non
     owner.__class__ = cls
 
 
-def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
-    """Insert the planned dropout into ``model`` (mutates it)."""
+def apply_dropout(model: nn.Module, sites: list[DropoutSite],
+                  cache: TraceCache | None = None) -> None:
+    """Insert the planned dropout into ``model`` (mutates it).
+
+    ``cache`` holds the one-level traces planning made of ``model`` (owners are re-traced
+    where it has none).
+    """
+    cache = cache if cache is not None else TraceCache()
     by_owner: dict[str, dict[tuple[tuple[str, Any], ...], list[DropoutSite]]] = {}
     for site in sites:
         layer = model.get_submodule(site.layer)
@@ -514,6 +521,14 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
             layer.register_forward_hook(dropout_output_hook)
         else:
             by_owner.setdefault(site.owner or "", {}).setdefault(site.spec, []).append(site)
+    with shared_fx_patches():
+        _edit_owners(model, by_owner, cache)
+
+
+def _edit_owners(model: nn.Module,
+                 by_owner: dict[str, dict[tuple[tuple[str, Any], ...], list[DropoutSite]]],
+                 cache: TraceCache) -> None:
+    """Regenerate each owner's forward with its dropout calls."""
     forwards: dict[Any, Any] = {}
     classes: dict[Any, type] = {}
     gen = _Codegen()
@@ -535,7 +550,7 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite]) -> None:
             key = (trace_signature(owner), spec, tuple(edits))
             forward = forwards.get(key)
             if forward is None:
-                forward = _edited_forward(owner, edits, label, spec, gen)
+                forward = _edited_forward(owner, edits, label, spec, gen, cache)
                 if owner.__dict__.pop("_regfx_own_forward", False):
                     own = True
                 else:

@@ -1,0 +1,65 @@
+"""What regfx keeps on a model it transformed: one typed object, reached through one accessor.
+
+A transformed model carries a :class:`RegfxState` under one attribute of the root module.
+Nothing else regfx needs later (the recipe, the applied sites, the one-level traces the
+transform made) is written into user modules, and there is no registry keyed by ``id()``:
+the state lives and dies with the model, and ``copy.deepcopy`` of the model copies it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from regfx.trace import TraceCache
+
+_ATTR = "_regfx_state"
+
+
+@dataclass(eq=False)
+class RegfxState:
+    """regfx's state on a transformed model.
+
+    Attributes:
+        recipe: the resolved recipe (``Recipe.to_dict()``) the model was transformed with.
+        sites: the applied sites (``Plan.sites_dict()``), stored in checkpoints.
+        traces: the one-level traces the transform made of the model; auditing the model
+            re-traces only the modules the transform edited. Not copied or pickled with the
+            model (a copy traces afresh).
+    """
+
+    recipe: dict[str, Any] | None = None
+    sites: dict[str, Any] | None = None
+    traces: TraceCache = field(default_factory=TraceCache)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RegfxState:
+        return RegfxState(recipe=copy.deepcopy(self.recipe, memo),
+                          sites=copy.deepcopy(self.sites, memo))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "sites": self.sites}
+
+    def __setstate__(self, data: dict[str, Any]) -> None:
+        self.recipe = data.get("recipe")
+        self.sites = data.get("sites")
+        self.traces = TraceCache()
+
+
+def state_of(model: nn.Module) -> RegfxState | None:
+    """The :class:`RegfxState` of a model regfx transformed, or None for any other model."""
+    found = model.__dict__.get(_ATTR)
+    return found if isinstance(found, RegfxState) else None
+
+
+def attach_state(model: nn.Module, state: RegfxState) -> RegfxState:
+    """Make ``state`` the state of ``model`` (replacing any earlier one)."""
+    model.__dict__[_ATTR] = state
+    return state
+
+
+def drop_state(model: nn.Module) -> None:
+    """Forget regfx's state on ``model`` (after its edits were removed)."""
+    model.__dict__.pop(_ATTR, None)

@@ -1,0 +1,129 @@
+"""The state regfx keeps on a transformed model, and the traces the audit reuses from it."""
+
+import copy
+import pickle
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import regfx
+from regfx.state import RegfxState, state_of
+
+from .conftest import load_fixture
+
+trace_mod = sys.modules["regfx.trace"]
+
+_MASK = torch.tensor([1.0, 0.5, 0.25, 0.0])  # read by a forward: torch.fx makes it a constant
+
+
+class ConstantBlock(nn.Module):
+    """A forward that reads a tensor which is neither a parameter nor a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x)) * _MASK
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(ConstantBlock(), ConstantBlock())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def _count_traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = trace_mod.trace_module
+
+    def counting(module: nn.Module, spec: tuple = ()) -> object:
+        calls.append(type(module).__name__)
+        return real(module, spec)
+
+    monkeypatch.setattr(trace_mod, "trace_module", counting)
+    return calls
+
+
+def test_a_transformed_model_has_one_state_object() -> None:
+    model = regfx.transform(Net(), dropout=0.1)
+    state = state_of(model)
+    assert isinstance(state, RegfxState)
+    assert state.recipe is not None and state.recipe["dropout"] == 0.1
+    assert state.sites is not None
+    assert regfx.state_of(Net()) is None
+    assert [k for k in vars(model) if k.startswith("_regfx")] == ["_regfx_state"]
+
+
+def test_bake_drops_the_state() -> None:
+    assert state_of(regfx.bake(regfx.transform(Net(), dropout=0.1))) is None
+
+
+def test_a_copy_has_its_own_state_without_the_traces() -> None:
+    model = regfx.transform(Net(), dropout=0.1)
+    regfx.audit(model)
+    assert len(state_of(model).traces) > 0
+    clone = copy.deepcopy(model)
+    assert state_of(clone) is not state_of(model)
+    assert state_of(clone).recipe == state_of(model).recipe
+    assert state_of(clone).sites == state_of(model).sites
+    assert len(state_of(clone).traces) == 0
+
+
+def test_the_state_pickles_without_its_traces() -> None:
+    state = RegfxState(recipe={"dropout": 0.1}, sites={"dropout": []})
+    state.traces.get(nn.Sequential(nn.Linear(2, 2)))
+    again = pickle.loads(pickle.dumps(state))
+    assert again.recipe == state.recipe and again.sites == state.sites
+    assert len(again.traces) == 0
+
+
+def test_the_audit_of_a_transformed_model_retraces_only_what_the_transform_edited(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = regfx.transform(Net(), dropout=0.1, dropout_after="linear", spectral="linear")
+    calls = _count_traces(monkeypatch)
+    regfx.audit(model)
+    cached = list(calls)
+    calls.clear()
+    regfx.audit(copy.deepcopy(model))  # a copy has no traces: everything is traced
+    fresh = list(calls)
+    assert len(cached) < len(fresh)
+    # the edited owners (their class changed) are traced again; nothing else is
+    edited = {type(m).__name__ for m in model.modules()
+              if "_regfx_base" in type(m).__dict__}
+    assert set(cached) <= edited
+
+
+@pytest.mark.filterwarnings("ignore::regfx.RegfxWarning")
+def test_the_audit_with_reused_traces_is_the_audit_of_a_fresh_trace(fixture_name: str) -> None:
+    model = load_fixture(fixture_name).model
+    out = regfx.transform(model, dropout=0.1, dropout_after="linear,conv", spectral="conv",
+                          l2=1e-4)
+    reused = regfx.audit(out).to_dict()
+    fresh = regfx.audit(copy.deepcopy(out)).to_dict()
+    assert reused == fresh
+
+
+def test_a_forward_with_a_tensor_constant_keeps_it_after_the_edit() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    out = regfx.transform(model, dropout=0.5, dropout_after="linear")
+    x = torch.randn(8, 4)
+    out.eval()
+    model.eval()
+    torch.testing.assert_close(out(x), model(x))
+    runs: list[str] = []
+    for name, mod in out.named_modules():
+        if name.endswith("regfx_dropout"):
+            mod.register_forward_hook(lambda m, i, o, name=name: runs.append(name))
+    out.train()
+    out(x).sum().backward()
+    assert sorted(runs) == ["blocks.0.fc.regfx_dropout", "blocks.1.fc.regfx_dropout"]
+    assert regfx.trace(copy.deepcopy(out)).opaque == {}
