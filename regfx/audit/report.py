@@ -14,17 +14,13 @@ from torch import nn
 from regfx.audit.inspect import OptimizerInfo, ParamRecord, inspect_model
 from regfx.audit.policy import Policy, as_policy
 from regfx.audit.rules import SEVERITIES, Finding, active_rules, run_rules
-from regfx.errors import RegfxError
+from regfx.errors import BaselineError, RegfxError
 from regfx.graph import ModelGraph
 
 __all__ = ["AuditReport", "Gate", "audit", "summarize", "SCHEMA_VERSION", "BaselineError",
-           "read_baseline", "json_schema"]
+           "read_baseline", "load_baselines", "pick_baseline", "json_schema"]
 
 SCHEMA_VERSION = 1
-
-
-class BaselineError(RegfxError):
-    """A baseline report is unreadable, not JSON, or not a regfx audit report."""
 
 
 def json_schema() -> dict[str, Any]:
@@ -232,41 +228,128 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                        optimizer=ctx.optimizer, opaque=dict(graph.opaque), graph=graph)
 
 
-def read_baseline(path: str | Path, model: str | None = None, source: str | None = None
-                  ) -> dict[str, Any]:
-    """The baseline report for one model from a JSON file written by ``regfx audit --format json``.
+def load_baselines(path: str | Path) -> list[dict[str, Any]]:
+    """Every report in a baseline JSON file written by ``regfx audit --format json``, each
+    checked against the report's shape (``schema_version``, ``summary.coverage``, ``findings``)
+    before any of it is used.
 
-    A file holding several reports (a list) is searched by ``source``, then by ``model``.
+    Raises:
+        BaselineError: the file is missing, not UTF-8 JSON, nested too deeply, or a report in
+            it has the wrong shape (the message names the field and the value).
     """
     p = Path(path)
+    regenerate = "regenerate it with `regfx audit MODEL --format json -o FILE`"
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise BaselineError(f"baseline {str(p)!r} does not exist; write one with "
                             "`regfx audit MODEL --format json -o FILE`") from None
     except IsADirectoryError:
         raise BaselineError(f"baseline {str(p)!r} is a directory; give the JSON report file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaselineError(f"baseline {str(p)!r} is not valid JSON ({exc}); regenerate it with "
-                            "`regfx audit MODEL --format json -o FILE`") from None
+    except UnicodeDecodeError as exc:
+        raise BaselineError(f"baseline {str(p)!r} is not UTF-8 text (offset {exc.start}); "
+                            f"{regenerate}") from None
+    except json.JSONDecodeError as exc:
+        raise BaselineError(f"baseline {str(p)!r} is not valid JSON ({exc}); {regenerate}") from None
+    except RecursionError:
+        raise BaselineError(f"baseline {str(p)!r} nests too deeply to be a report; {regenerate}") \
+            from None
     except OSError as exc:
         raise BaselineError(f"cannot read baseline {str(p)!r}: {exc.strerror}") from None
     reports = data if isinstance(data, list) else [data]
-    for r in reports:
-        if not isinstance(r, dict) or "summary" not in r or "findings" not in r \
-                or not isinstance(r.get("findings"), list) or not isinstance(r.get("summary"), dict):
-            raise BaselineError(f"baseline {str(p)!r} is not a regfx audit report (no summary/"
-                                "findings); regenerate it with `regfx audit MODEL --format json`")
-        if r.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-            raise BaselineError(f"baseline {str(p)!r} has schema_version {r['schema_version']}, "
-                                f"newer than this regfx ({SCHEMA_VERSION}); upgrade regfx")
+    if not reports:
+        raise BaselineError(f"baseline {str(p)!r} is an empty list, not a regfx audit report; "
+                            f"{regenerate}")
+    for i, report in enumerate(reports):
+        where = f"baseline {str(p)!r}" + (f" report {i}" if isinstance(data, list) else "")
+        reason = _baseline_shape_reason(report)
+        if reason:
+            raise BaselineError(f"{where} is not a regfx audit report: {reason}; {regenerate}")
+        if report["schema_version"] > SCHEMA_VERSION:
+            raise BaselineError(f"{where} has schema_version {report['schema_version']}, newer "
+                                f"than this regfx ({SCHEMA_VERSION}); upgrade regfx")
+    return reports
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _baseline_shape_reason(report: Any) -> str:
+    """Why ``report`` cannot be used as a baseline ('' when it can)."""
+    if not isinstance(report, dict):
+        return f"expected an object, got {_short(report)}"
+    for key in ("summary", "findings"):
+        if key not in report:
+            return f"no {key!r} field"
+    version = report.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return f"schema_version must be an integer >= 1, got {_short(version)}"
+    report.setdefault("schema_version", version)
+    for key in ("model", "source"):
+        if report.get(key) is not None and not isinstance(report[key], str):
+            return f"{key} must be a string, got {_short(report[key])}"
+    summary = report["summary"]
+    if not isinstance(summary, dict):
+        return f"summary must be an object, got {_short(summary)}"
+    coverage = summary.get("coverage", 0.0)
+    if not _is_number(coverage) or not 0.0 <= coverage <= 1.0:
+        return f"summary.coverage must be a number in [0, 1], got {_short(coverage)}"
+    findings = report["findings"]
+    if not isinstance(findings, list):
+        return f"findings must be a list, got {_short(findings)}"
+    for j, finding in enumerate(findings):
+        if not isinstance(finding, dict):
+            return f"findings[{j}] must be an object, got {_short(finding)}"
+        for key in ("code", "target"):
+            if not isinstance(finding.get(key), str):
+                return f"findings[{j}].{key} must be a string, got {_short(finding.get(key))}"
+    return ""
+
+
+def pick_baseline(reports: list[dict[str, Any]], path: str | Path, model: str | None = None,
+                  source: str | None = None, *, only_model: bool = True) -> dict[str, Any]:
+    """The report of ``reports`` for one audited model: the one with the same ``source`` (the
+    MODEL argument), else the only one with the same ``model`` class name. A file holding one
+    report is used as it is when ``only_model`` (one MODEL is audited).
+
+    Raises:
+        BaselineError: no report, or several, match.
+    """
+    if len(reports) == 1 and only_model:
+        return reports[0]
+    if source is not None:
+        for r in reports:
+            if r.get("source") == source:
+                return r
+    by_model = [r for r in reports if model is not None and r.get("model") == model]
+    if len(by_model) == 1:
+        return by_model[0]
+    what = f"{source} ({model})" if source else str(model)
+    if len(by_model) > 1:
+        raise BaselineError(f"baseline {str(path)!r} has {len(by_model)} reports for model "
+                            f"{model} and none for {source}; regenerate it with the same MODEL "
+                            "arguments")
+    raise BaselineError(f"baseline {str(path)!r} has no report for {what}; regenerate it with "
+                        "the same MODEL arguments")
+
+
+def read_baseline(path: str | Path, model: str | None = None, source: str | None = None
+                  ) -> dict[str, Any]:
+    """The baseline report for one model from a JSON file written by ``regfx audit --format json``.
+
+    A file holding several reports (a list) is searched by ``source``, then by ``model``; a
+    file holding one report is that report.
+    """
+    reports = load_baselines(path)
     if len(reports) == 1:
         return reports[0]
-    for key, value in (("source", source), ("model", model)):
-        if value is None:
-            continue
-        for r in reports:
-            if r.get(key) == value:
-                return r
-    raise BaselineError(f"baseline {str(p)!r} has no report for {source or model}; regenerate it "
-                        "with the same MODEL arguments")
+    if model is None and source is None:
+        raise BaselineError(f"baseline {str(path)!r} holds {len(reports)} reports; name the "
+                            "model (read_baseline(path, model=...)) to pick one")
+    return pick_baseline(reports, path, model, source, only_model=False)
