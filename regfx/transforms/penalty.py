@@ -5,9 +5,11 @@ Semantics: the parameter update equals the one obtained by adding
 ``l1 * sign(w) + l2 * w`` is added to ``w.grad`` just before ``optimizer.step()`` runs, which makes
 it right under gradient accumulation (added once, not per micro-batch), autocast and GradScaler
 (``scaler.step`` unscales the gradients before the step, and skips the step, hook included, on
-overflow), and DDP (gradients are already all-reduced; the penalty gradient is the same on every
-rank). The gradient is added with foreach ops, one call per coefficient pair, not a Python loop of
-tensor ops per parameter.
+overflow), DDP (gradients are already all-reduced; the penalty gradient is the same on every
+rank) and FSDP2 (``fully_shard``: each rank adds the penalty gradient of its own shard to its
+shard of the reduced gradient, which is exactly the sharded gradient of the penalty, also for
+uneven or empty shards). The gradient is added with foreach ops, a few calls per device and
+dtype, not a Python loop of tensor ops per parameter.
 
 ``optimizer.step(closure)`` (PyTorch Lightning's automatic optimization, LBFGS): the closure
 usually zeroes the gradients and runs the backward inside the step, which would erase a gradient
@@ -16,28 +18,35 @@ the penalty gradient after every evaluation of the user's closure, and returns t
 plus the penalty value (detached), as an explicit loss term would: LBFGS's line search and
 convergence test read that value.
 
-Which parameters are penalized is recorded on the model (``model._regfx_penalty``), so a deep copy
-of a transformed model carries its penalties; a process-wide registry (weak references, never
-keeping a model alive) lets the one global optimizer hook find them.
+State: one :class:`PenaltyState` per model, in the model's ``__dict__``, owns what is penalized
+and the handle of the optimizer step pre-hook it registered (removed through that handle). It
+finds the parameters where they live, by module and attribute name, at every step: never by the
+identity they had when the penalty was attached, which ``fully_shard`` (DTensor parameters),
+``load_state_dict(assign=True)``, ``to_empty`` and ``.to()`` change. A deep copy (or an unpickled
+copy) of a transformed model gets a state of its own, bound to its own modules, with a hook of
+its own.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
+from regfx.distributed import all_reduce_sum, is_dtensor, local_tensor
 from regfx.errors import RegfxError
 from regfx.select import select_layers, weight_names
 
-__all__ = ["PenaltySpec", "plan_penalty", "apply_penalty", "remove_penalty", "penalty",
-           "penalized_parameters"]
+__all__ = ["PenaltySpec", "PenaltyState", "plan_penalty", "apply_penalty", "remove_penalty",
+           "penalty", "penalty_state", "penalized_parameters"]
+
+_STATE_KEY = "_regfx_penalty"
 
 
 @dataclass(frozen=True)
@@ -47,53 +56,6 @@ class PenaltySpec:
     params: tuple[str, ...]
     l1: float
     l2: float
-
-
-class _Registry:
-    """Parameters with penalties, weakly referenced, and a version bumped on every change."""
-
-    def __init__(self) -> None:
-        # id(param) -> (weak reference, coefficients); tensors compare element-wise, so they
-        # cannot be dictionary keys themselves.
-        self.entries: dict[int, tuple[weakref.ref[torch.Tensor], tuple[float, float]]] = {}
-        self.version = itertools.count(1)
-        self.current = 0
-        self.hook: Any = None
-
-    def bump(self) -> None:
-        self.current = next(self.version)
-
-    def get(self, p: torch.Tensor) -> tuple[float, float] | None:
-        entry = self.entries.get(id(p))
-        if entry is None or entry[0]() is not p:
-            return None
-        return entry[1]
-
-    def add(self, p: torch.Tensor, coeffs: tuple[float, float]) -> None:
-        key = id(p)
-
-        def forget(_ref: object, key: int = key) -> None:
-            entry = self.entries.get(key)
-            if entry is not None and entry[0] is _ref:
-                del self.entries[key]
-
-        self.entries[key] = (weakref.ref(p, forget), coeffs)
-
-    def discard(self, p: torch.Tensor) -> None:
-        if self.get(p) is not None:
-            del self.entries[id(p)]
-
-
-_REGISTRY = _Registry()
-
-
-def _tensors_of(module: nn.Module, name: str) -> list[nn.Parameter]:
-    """The leaf parameters behind ``module.<name>``, seeing through parametrizations."""
-    if parametrize.is_parametrized(module, name):
-        plist = cast(nn.Module, module.parametrizations[name])  # type: ignore[index]
-        return [p for p in plist._parameters.values() if isinstance(p, nn.Parameter)]
-    p = module._parameters.get(name)
-    return [p] if isinstance(p, nn.Parameter) else []
 
 
 def plan_penalty(model: nn.Module, l1: float, l2: float, penalty_on: str,
@@ -109,62 +71,6 @@ def plan_penalty(model: nn.Module, l1: float, l2: float, penalty_on: str,
             if name not in names:
                 names.append(name)
     return PenaltySpec(tuple(names), float(l1), float(l2))
-
-
-def _resolve(model: nn.Module, spec: PenaltySpec) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    out = []
-    for name in spec.params:
-        layer, _, attr = name.rpartition(".")
-        mod = model.get_submodule(layer) if layer else model
-        for p in _tensors_of(mod, attr):
-            if id(p) not in seen and p.requires_grad:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
-def _ensure_registered(model: nn.Module, *_: Any) -> None:
-    state = model.__dict__.get("_regfx_penalty")
-    if not state or not state["params"]:
-        return
-    if _REGISTRY.get(state["params"][0]) is not None:
-        return
-    for p in state["params"]:
-        _REGISTRY.add(p, (state["l1"], state["l2"]))
-    _REGISTRY.bump()
-
-
-def _forward_pre_hook(module: nn.Module, args: Any) -> None:
-    _ensure_registered(module)
-
-
-def apply_penalty(model: nn.Module, spec: PenaltySpec) -> None:
-    """Attach the penalty to ``model`` (mutates it; replaces a previous regfx penalty)."""
-    remove_penalty(model)
-    params = _resolve(model, spec)
-    model.__dict__["_regfx_penalty"] = {"params": params, "l1": spec.l1, "l2": spec.l2,
-                                        "names": list(spec.params)}
-    model.register_forward_pre_hook(_forward_pre_hook)
-    _ensure_registered(model)
-    if _REGISTRY.hook is None:
-        _REGISTRY.hook = register_optimizer_step_pre_hook(_step_pre_hook)
-
-
-def remove_penalty(model: nn.Module) -> None:
-    """Detach a regfx penalty from ``model`` (mutates it)."""
-    state = model.__dict__.pop("_regfx_penalty", None)
-    for key in [k for k, h in model._forward_pre_hooks.items() if h is _forward_pre_hook]:
-        del model._forward_pre_hooks[key]
-    if state:
-        for p in state["params"]:
-            _REGISTRY.discard(p)
-        _REGISTRY.bump()
-
-
-def penalized_parameters(model: nn.Module) -> dict[str, Any]:
-    """``{"params": [...], "names": [...], "l1": x, "l2": y}`` or {} when none is attached."""
-    return dict(model.__dict__.get("_regfx_penalty") or {})
 
 
 # On CPU the penalty is applied in chunks of about this many bytes of weights, so that the
@@ -207,59 +113,209 @@ def _scratch(params: list[torch.Tensor], bounds: list[tuple[int, int]]) -> list[
     return views
 
 
-# (l1, l2, params, chunk bounds, sign scratch): one device and dtype
-_Bucket = tuple[float, float, list[torch.Tensor], list[tuple[int, int]],
-                list[list[torch.Tensor]] | None]
 
 
-def _buckets(optimizer: torch.optim.Optimizer) -> list[_Bucket]:
-    """``(l1, l2, params, chunk bounds, sign scratch)`` for the penalized parameters of
-    ``optimizer``, grouped by coefficients; cached until the registry or the groups change."""
-    signature = (_REGISTRY.current, tuple(len(g["params"]) for g in optimizer.param_groups))
-    cache = optimizer.__dict__.get("_regfx_penalty_cache")
-    if cache is not None and cache[0] == signature:
-        return cache[1]  # type: ignore[no-any-return]
-    groups: dict[tuple[float, float], list[torch.Tensor]] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            coeffs = _REGISTRY.get(p)
-            if coeffs is not None:
-                groups.setdefault(coeffs, []).append(p)
-    buckets = []
-    for (l1, l2), ps in groups.items():
-        by_device: dict[tuple[torch.device, Any], list[torch.Tensor]] = {}
-        for p in ps:
+@dataclass(eq=False)
+class _Bucket:
+    """Penalized parameters of one device and dtype, as the optimizer holds them (DTensors under
+    FSDP2), with the CPU chunking of their local tensors and the scratch for L1's signs."""
+
+    params: list[torch.Tensor]
+    bounds: list[tuple[int, int]]
+    scratch: list[list[torch.Tensor]] | None
+
+
+@dataclass(eq=False)
+class _OptimizerView:
+    """The buckets of one optimizer, valid while its group sizes and the model's penalized
+    parameters (the very tensors) stay what they were when they were built."""
+
+    group_sizes: tuple[int, ...]
+    params: list[torch.Tensor | None]
+    buckets: list[_Bucket]
+
+
+Slot = tuple[nn.Module, str]
+"""Where a penalized leaf parameter lives: the module whose ``_parameters`` holds it (the layer,
+or the ``ParametrizationList`` of a parametrized weight) and the key there."""
+
+
+@dataclass(eq=False)
+class PenaltyState:
+    """The L1/L2 penalty attached to one model.
+
+    Attributes:
+        names: the logical names of the penalized weights (``fc.weight``).
+        l1, l2: the coefficients.
+        slots: where each penalized leaf parameter lives (module, key); read at every step.
+        handle: the optimizer step pre-hook this state registered, or None once detached.
+    """
+
+    names: tuple[str, ...]
+    l1: float
+    l2: float
+    slots: tuple[Slot, ...]
+    handle: RemovableHandle | None = field(default=None, repr=False)
+    views: weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptimizerView] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False)
+
+    def current(self) -> list[torch.Tensor | None]:
+        """The tensor in every slot now (None where it is gone or frozen)."""
+        out: list[torch.Tensor | None] = []
+        for owner, key in self.slots:
+            p = owner._parameters.get(key)
+            out.append(p if p is not None and p.requires_grad else None)
+        return out
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The penalized parameters as the model holds them now, each once."""
+        seen: set[int] = set()
+        out = []
+        for p in self.current():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def attach(self) -> None:
+        """Register this state's optimizer step pre-hook (once); it goes when the state does."""
+        if self.handle is None:
+            self.handle = register_optimizer_step_pre_hook(_StepHook(self))
+            weakref.finalize(self, self.handle.remove)
+
+    def detach(self) -> None:
+        """Remove the hook; the penalty no longer applies."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.views = weakref.WeakKeyDictionary()
+
+    def buckets(self, optimizer: torch.optim.Optimizer) -> list[_Bucket]:
+        """This model's penalized parameters that ``optimizer`` updates, bucketed; rebuilt
+        when the optimizer's groups or the model's parameters change."""
+        current = self.current()
+        sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
+        view = self.views.get(optimizer)
+        if (view is not None and view.group_sizes == sizes
+                and all(a is b for a, b in zip(view.params, current, strict=True))):
+            return view.buckets
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        chosen: dict[int, torch.Tensor] = {}
+        for p in current:
+            if p is not None and id(p) in in_optimizer:
+                chosen.setdefault(id(p), p)
+        by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in chosen.values():
             by_device.setdefault((p.device, p.dtype), []).append(p)
+        buckets = []
         for (device, _), same in by_device.items():
+            local = [local_tensor(p) for p in same]
             # chunks pay off only when several ops touch the same data (L1's sign, then add)
-            bounds = _chunk_bounds(same) if l1 else [(0, len(same))]
-            scratch = _scratch(same, bounds) if l1 and device.type == "cpu" else None
-            buckets.append((l1, l2, same, bounds, scratch))
-    optimizer.__dict__["_regfx_penalty_cache"] = (signature, buckets)
-    return buckets
+            bounds = _chunk_bounds(local) if self.l1 else [(0, len(local))]
+            scratch = _scratch(local, bounds) if self.l1 and device.type == "cpu" else None
+            buckets.append(_Bucket(same, bounds, scratch))
+        self.views[optimizer] = _OptimizerView(sizes, current, buckets)
+        return buckets
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the hook and the per-optimizer buckets belong to this state: a copy makes its own
+        return {**self.__dict__, "handle": None, "views": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.views = weakref.WeakKeyDictionary()
+        self.attach()
 
 
-def _add_penalty_grads(buckets: list[_Bucket]) -> None:
-    """``w.grad += l1 * sign(w) + l2 * w`` for every bucket, with foreach ops."""
-    for l1, l2, params, bounds, scratch in buckets:
+class _StepHook:
+    """The global optimizer step pre-hook of one :class:`PenaltyState` (weakly referenced, so
+    the hook never keeps a model alive)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: PenaltyState) -> None:
+        self.state = weakref.ref(state)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        state = self.state()
+        if state is None:
+            return None
+        return _before_step(state, optimizer, args, kwargs)
+
+
+def penalty_state(model: nn.Module) -> PenaltyState | None:
+    """The penalty attached to ``model`` by :func:`apply_penalty`, or None."""
+    state = model.__dict__.get(_STATE_KEY)
+    return state if isinstance(state, PenaltyState) else None
+
+
+def _slots(model: nn.Module, spec: PenaltySpec) -> tuple[Slot, ...]:
+    """Where the leaf parameters behind each name of ``spec`` live, seeing through
+    parametrizations (``parametrizations.weight.original``, weight norm's ``original0/1``)."""
+    out: list[Slot] = []
+    for name in spec.params:
+        layer, _, attr = name.rpartition(".")
+        mod = model.get_submodule(layer) if layer else model
+        if parametrize.is_parametrized(mod, attr):
+            plist = cast(nn.Module, mod.parametrizations[attr])  # type: ignore[index]
+            keys = [k for k, p in plist._parameters.items() if isinstance(p, nn.Parameter)]
+            candidates = [(plist, k) for k in keys]
+        else:
+            candidates = [(mod, attr)] if isinstance(mod._parameters.get(attr), nn.Parameter) else []
+        for slot in candidates:
+            if not any(o is slot[0] and k == slot[1] for o, k in out):
+                out.append(slot)
+    return tuple(out)
+
+
+def apply_penalty(model: nn.Module, spec: PenaltySpec) -> None:
+    """Attach the penalty to ``model`` (mutates it; replaces a previous regfx penalty)."""
+    remove_penalty(model)
+    state = PenaltyState(spec.params, spec.l1, spec.l2, _slots(model, spec))
+    state.attach()
+    model.__dict__[_STATE_KEY] = state
+
+
+def remove_penalty(model: nn.Module) -> None:
+    """Detach a regfx penalty from ``model`` (mutates it)."""
+    state = model.__dict__.pop(_STATE_KEY, None)
+    if isinstance(state, PenaltyState):
+        state.detach()
+
+
+def penalized_parameters(model: nn.Module) -> dict[str, Any]:
+    """``{"params": [...], "names": [...], "l1": x, "l2": y}`` or {} when none is attached;
+    ``params`` are the parameters as the model holds them now (DTensors once sharded)."""
+    state = penalty_state(model)
+    if state is None:
+        return {}
+    return {"params": state.parameters(), "names": list(state.names), "l1": state.l1,
+            "l2": state.l2}
+
+
+def _add_penalty_grads(l1: float, l2: float, buckets: list[_Bucket]) -> None:
+    """``w.grad += l1 * sign(w) + l2 * w`` for every bucket, with foreach ops on the local
+    tensors (each rank's shard under FSDP2)."""
+    for bucket in buckets:
+        params = bucket.params
         if any(p.grad is None for p in params):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-        grads = cast(list[torch.Tensor], [p.grad for p in params])
-        values = [p.detach() for p in params]
         with torch.no_grad():
-            for i, (start, stop) in enumerate(bounds):
+            grads = [local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
+            values = [local_tensor(p) for p in params]
+            for i, (start, stop) in enumerate(bucket.bounds):
                 g, v = grads[start:stop], values[start:stop]
                 if not l1:
                     torch._foreach_add_(g, v, alpha=l2)
-                elif scratch is None:
+                elif bucket.scratch is None:
                     if l2:
                         torch._foreach_add_(g, v, alpha=l2)
                     torch._foreach_add_(g, torch._foreach_sign(v), alpha=l1)
                 else:
                     # in cache: signs = sign(w) + (l2/l1) w, then g += l1 * signs
-                    signs = scratch[i]
+                    signs = bucket.scratch[i]
                     for w, sign in zip(v, signs, strict=True):
                         torch.sign(w, out=sign)
                     if l2:
@@ -267,29 +323,43 @@ def _add_penalty_grads(buckets: list[_Bucket]) -> None:
                     torch._foreach_add_(g, signs, alpha=l1)
 
 
-def _penalty_value(buckets: list[_Bucket], like: torch.Tensor) -> torch.Tensor:
-    """``l1 * sum|w| + (l2 / 2) * sum w**2`` over ``buckets``, detached, as a 0-d tensor with
-    the dtype and device of ``like`` (foreach norms, accumulated in at least float32)."""
-    acc = torch.promote_types(like.dtype, torch.float32)
-    total = torch.zeros((), dtype=acc, device=like.device)
-    with torch.no_grad():
-        for l1, l2, params, _, _ in buckets:
-            values = [p.detach() for p in params]
-            # low-precision weights: norms accumulated and returned in float32 (DTensor's
-            # foreach_norm takes no dtype: there they come back in the weights' dtype)
-            dtensor = hasattr(values[0], "full_tensor")
-            low = values[0].dtype not in (torch.float32, torch.float64)
-            kw: dict[str, Any] = {"dtype": torch.float32} if low and not dtensor else {}
-            part: Any = 0.0
-            if l1:
-                part = l1 * torch.stack(torch._foreach_norm(values, 1, **kw)).to(acc).sum()
-            if l2:
-                norms = torch.stack(torch._foreach_norm(values, 2, **kw)).to(acc)
-                part = part + (l2 / 2) * norms.square().sum()
-            if hasattr(part, "full_tensor"):  # DTensor shards (FSDP2): the global value
-                part = part.full_tensor()
-            total = total + part.to(device=like.device, dtype=acc)
-    return total.to(like.dtype)
+def _local_value(l1: float, l2: float, tensors: list[torch.Tensor],
+                 device: torch.device) -> torch.Tensor:
+    """``l1 * sum|w| + (l2 / 2) * sum w**2`` over plain tensors (differentiable where they
+    are), as a 0-d tensor on ``device`` in at least float32 (foreach norms per device and dtype,
+    low-precision ones accumulated in float32)."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for (_, dtype), same in groups.items():
+        acc = torch.promote_types(dtype, torch.float32)
+        kw: dict[str, Any] = {} if acc == dtype else {"dtype": torch.float32}
+        if l1:
+            norms = torch.stack(torch._foreach_norm(same, 1, **kw)).to(acc)
+            total = total + (l1 * norms.sum()).to(device)
+        if l2:
+            norms = torch.stack(torch._foreach_norm(same, 2, **kw)).to(acc)
+            total = total + ((l2 / 2) * norms.square().sum()).to(device)
+    return total
+
+
+def _value(l1: float, l2: float, params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The penalty over ``params``: differentiable for plain tensors; for DTensor shards the
+    global value, summed over the ranks with one all-reduce per mesh (not differentiable)."""
+    plain: list[torch.Tensor] = []
+    sharded: dict[tuple[int, Any], list[torch.Tensor]] = {}
+    for p in params:
+        if is_dtensor(p):
+            sharded.setdefault((id(p.device_mesh), tuple(p.placements)), []).append(p)  # type: ignore[attr-defined]
+        else:
+            plain.append(p)
+    total = _local_value(l1, l2, plain, device)
+    for group in sharded.values():
+        with torch.no_grad():
+            part = _local_value(l1, l2, [local_tensor(p) for p in group], device)
+        total = total + all_reduce_sum(part, like=group[0])
+    return total
 
 
 class _PenalizedClosure:
@@ -297,53 +367,75 @@ class _PenalizedClosure:
     closure several times per step) sees the gradient of ``loss + penalty``, whatever the
     closure did to ``.grad`` (``zero_grad`` included). The returned loss includes the penalty
     value, as an explicit loss term would, because LBFGS's line search and its convergence test
-    read it; ``None`` stays ``None``."""
+    read it; ``None`` stays ``None``. Several penalized models wrap the closure one inside the
+    other, each once."""
 
-    __slots__ = ("closure", "buckets")
+    __slots__ = ("closure", "state", "buckets")
 
-    def __init__(self, closure: Any, buckets: list[_Bucket]) -> None:
+    def __init__(self, closure: Any, state: PenaltyState, buckets: list[_Bucket]) -> None:
         self.closure = closure
+        self.state = state
         self.buckets = buckets
+
+    def covers(self, state: PenaltyState) -> bool:
+        c: Any = self
+        while isinstance(c, _PenalizedClosure):
+            if c.state is state:
+                return True
+            c = c.closure
+        return False
+
+    def value(self, device: torch.device) -> torch.Tensor:
+        params = [p for b in self.buckets for p in b.params]
+        with torch.no_grad():
+            return _value(self.state.l1, self.state.l2, params, device)
 
     def __call__(self) -> Any:
         loss = self.closure()
-        _add_penalty_grads(self.buckets)
+        _add_penalty_grads(self.state.l1, self.state.l2, self.buckets)
         if loss is None:
             return None
         if isinstance(loss, torch.Tensor):
-            return loss + _penalty_value(self.buckets, loss)
-        return loss + float(_penalty_value(self.buckets, torch.zeros((), dtype=torch.float64)))
+            return loss + self.value(loss.device).to(loss.dtype)
+        return loss + float(self.value(torch.device("cpu")))
 
 
-def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+def _wrap(closure: Any, state: PenaltyState, buckets: list[_Bucket]) -> Any:
+    """``closure`` wrapped for ``state``, or None where it already is (an optimizer whose step
+    calls another's with the same closure)."""
+    if isinstance(closure, _PenalizedClosure) and closure.covers(state):
+        return None
+    return _PenalizedClosure(closure, state, buckets)
+
+
+def _before_step(state: PenaltyState, optimizer: torch.optim.Optimizer, args: Any,
+                 kwargs: Any) -> Any:
     """Without a closure, adds the penalty gradient now, just before the step. With one
     (``step(closure)``: Lightning, LBFGS), which typically zeroes the gradients and runs the
     backward, wraps it so the penalty gradient is added after each of its evaluations instead.
     ``args`` starts with the optimizer itself."""
-    if not _REGISTRY.current:
-        return None
-    buckets = _buckets(optimizer)
+    buckets = state.buckets(optimizer)
     if not buckets:
         return None
-    # a closure already wrapped (an optimizer whose step calls another's) is not wrapped twice
     closure = kwargs.get("closure")
     if closure is not None:
-        if isinstance(closure, _PenalizedClosure):
-            return None
-        return args, {**kwargs, "closure": _PenalizedClosure(closure, buckets)}
+        wrapped = _wrap(closure, state, buckets)
+        return None if wrapped is None else (args, {**kwargs, "closure": wrapped})
     if len(args) > 1 and callable(args[1]):
-        if isinstance(args[1], _PenalizedClosure):
-            return None
-        return (args[0], _PenalizedClosure(args[1], buckets), *args[2:]), kwargs
-    _add_penalty_grads(buckets)
+        wrapped = _wrap(args[1], state, buckets)
+        return None if wrapped is None else ((args[0], wrapped, *args[2:]), kwargs)
+    _add_penalty_grads(state.l1, state.l2, buckets)
     return None
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
-    """The current value of the attached L1/L2 penalty, differentiable, for logging.
+    """The current value of the attached L1/L2 penalty, for logging.
 
-    ``l1 * sum|w| + (l2 / 2) * sum w**2`` over the penalized parameters; a zero tensor when the
-    model has no regfx penalty. Do not add it to the loss as well: the hook already applies it.
+    ``l1 * sum|w| + (l2 / 2) * sum w**2`` over the penalized parameters, in at least float32;
+    a zero tensor when the model has no regfx penalty. Do not add it to the loss as well: the
+    hook already applies it. Differentiable, except for a model sharded with ``fully_shard``:
+    there each rank sums its shards and one all-reduce gives every rank the global value
+    (call it on every rank).
 
     Example:
         >>> m = regfx.transform(model, l2=1e-4)
@@ -352,16 +444,11 @@ def penalty(model: nn.Module) -> torch.Tensor:
     if not isinstance(model, nn.Module):
         raise RegfxError(f"penalty() needs an nn.Module, got {type(model).__name__}; pass the "
                          "transformed model")
-    state = model.__dict__.get("_regfx_penalty")
-    if not state or not state["params"]:
+    state = penalty_state(model)
+    params = state.parameters() if state is not None else []
+    if not params:
         first = next(iter(model.parameters()), None)
-        return torch.zeros((), device=first.device if first is not None else None)
-    params = state["params"]
-    total = torch.zeros((), device=params[0].device, dtype=torch.float32)
-    if state["l1"]:
-        total = total + state["l1"] * torch.stack(
-            [n.float() for n in torch._foreach_norm(params, 1)]).sum()
-    if state["l2"]:
-        total = total + (state["l2"] / 2) * torch.stack(
-            [n.float() ** 2 for n in torch._foreach_norm(params, 2)]).sum()
-    return total
+        device = first.device if first is not None else None
+        return torch.zeros((), device=device)
+    assert state is not None
+    return _value(state.l1, state.l2, params, params[0].device)

@@ -2,12 +2,14 @@
 optimizer step, compared with an explicit-loss training loop."""
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 import regfx
+from regfx.transforms.penalty import penalized_parameters
 
 
 def make_model() -> nn.Module:
@@ -66,8 +68,7 @@ def test_penalty_changes_training_at_all() -> None:
     hooked = train(regfx.transform(make_model(), l1=L1, l2=L2), "sgd", explicit=False)
     assert not torch.allclose(plain[0].weight, hooked[0].weight)
     # biases and norm parameters are not penalized by default
-    state = hooked.__dict__["_regfx_penalty"]
-    assert state["names"] == ["0.weight", "3.weight"]
+    assert penalized_parameters(hooked)["names"] == ["0.weight", "3.weight"]
 
 
 def test_grad_scaler_skips_on_overflow_and_unscales() -> None:
@@ -119,9 +120,9 @@ def test_penalty_survives_deepcopy_and_bake_removes_it() -> None:
 
 def test_penalty_on_normalized_weight_targets_the_original() -> None:
     model = regfx.transform(make_model(), spectral="linear", l2=L2)
-    names = model.__dict__["_regfx_penalty"]["names"]
-    assert names == ["0.weight", "3.weight"]
-    params = model.__dict__["_regfx_penalty"]["params"]
+    state = penalized_parameters(model)
+    assert state["names"] == ["0.weight", "3.weight"]
+    params = state["params"]
     assert params[0] is model[0].parametrizations.weight.original
 
 
@@ -129,7 +130,7 @@ def test_frozen_parameters_are_not_penalized() -> None:
     model = make_model()
     model[0].weight.requires_grad_(False)
     out = regfx.transform(model, l2=L2)
-    assert len(out.__dict__["_regfx_penalty"]["params"]) == 1
+    assert len(penalized_parameters(out)["params"]) == 1
 
 
 def test_penalties_cover_rnn_and_attention_weights_against_an_explicit_loss_term() -> None:
@@ -184,3 +185,110 @@ def test_a_penalty_selecting_nothing_warns_and_fails_under_strict() -> None:
         regfx.transform(model, l2=0.1, penalty_on="embedding", exclude=["0"])
     with pytest.raises(regfx.RegfxError, match="selects no weight"):
         regfx.transform(model, l2=0.1, penalty_on="embedding", exclude=["0"], strict=True)
+
+
+def explicit_train(model: nn.Module, l1: float = L1, l2: float = L2, steps: int = 3) -> nn.Module:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ws = [model[0].weight, model[3].weight]
+    for x, y in batches(steps):
+        opt.zero_grad()
+        term = l1 * sum(w.abs().sum() for w in ws) + (l2 / 2) * sum((w * w).sum() for w in ws)
+        (nn.functional.cross_entropy(model(x), y) + term).backward()
+        opt.step()
+    return model
+
+
+def test_penalty_follows_parameters_replaced_after_transform() -> None:
+    """load_state_dict(assign=True) (like fully_shard, to_empty...) puts new tensors in the
+    model; the penalty applies to the tensors the model holds when the optimizer steps."""
+    hooked = regfx.transform(make_model(), l1=L1, l2=L2)
+    fresh = {k: v.clone() for k, v in make_model().state_dict().items()}
+    hooked.load_state_dict(fresh, assign=True)
+    assert hooked[0].weight is not None and all(
+        hooked[0].weight is not p for p in make_model().parameters())
+    train(hooked, "sgd", explicit=False, steps=3)
+    reference = explicit_train(make_model())
+    for key, value in hooked.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_parameter_unfrozen_during_training_is_penalized_from_then_on() -> None:
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    hooked = regfx.transform(model, l2=L2)
+    opt = torch.optim.SGD(hooked.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(hooked(x), y).backward()
+    opt.step()  # frozen: no gradient, no penalty, no update
+    hooked[0].weight.requires_grad_(True)
+    before = hooked[0].weight.detach().clone()
+    opt.zero_grad()
+    nn.functional.cross_entropy(hooked(x), y).backward()
+    data_grad = hooked[0].weight.grad.clone()  # type: ignore[union-attr]
+    opt.step()
+    torch.testing.assert_close(hooked[0].weight, before - 0.1 * (data_grad + L2 * before))
+
+
+def global_hooks() -> int:
+    from torch.optim import optimizer as optim_module
+
+    return len(optim_module._global_optimizer_pre_hooks)
+
+
+def test_each_model_owns_its_hook_and_removing_the_penalty_removes_it() -> None:
+    import gc
+
+    gc.collect()
+    before = global_hooks()
+    model = regfx.transform(make_model(), l2=L2)
+    assert global_hooks() == before + 1
+    clone = copy.deepcopy(model)  # a state and a hook of its own
+    assert global_hooks() == before + 2
+    regfx.bake(model)  # the baked copy's hook is removed with its penalty
+    assert global_hooks() == before + 2
+    del model
+    gc.collect()
+    assert global_hooks() == before + 1
+    # the copy still trains with its penalty, bound to its own parameters
+    train(clone, "sgd", explicit=False, steps=3)
+    reference = explicit_train(make_model(), l1=0.0)
+    torch.testing.assert_close(clone[0].weight, reference[0].weight, rtol=0, atol=1e-6)
+    regfx.transform(clone, dropout=0.0, l2=0.0, inplace=True)  # another recipe: no penalty
+    assert global_hooks() == before
+    assert float(regfx.penalty(clone)) == 0.0
+
+
+def test_two_penalized_models_in_one_closure_each_get_their_penalty_once() -> None:
+    """One optimizer over two transformed models, stepped with a closure, and an optimizer
+    whose step calls another's with the same closure: every penalty is added exactly once per
+    closure evaluation."""
+    a = regfx.transform(make_model(), l2=L2)
+    b = regfx.transform(make_model(), l1=L1)
+    ref_a, ref_b = make_model(), make_model()
+
+    class Outer(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            return super().step(closure)
+
+    def run(models: tuple[nn.Module, nn.Module], explicit: bool) -> None:
+        opt = Outer([p for m in models for p in m.parameters()], lr=0.1)
+        for x, y in batches(3):
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                loss = sum(nn.functional.cross_entropy(m(x), y) for m in models)
+                if explicit:
+                    wa = (models[0][0].weight, models[0][3].weight)
+                    wb = (models[1][0].weight, models[1][3].weight)
+                    loss = loss + (L2 / 2) * sum((w * w).sum() for w in wa)
+                    loss = loss + L1 * sum(w.abs().sum() for w in wb)
+                loss.backward()  # type: ignore[union-attr]
+                return loss  # type: ignore[return-value]
+
+            opt.step(closure)
+
+    run((a, b), explicit=False)
+    run((ref_a, ref_b), explicit=True)
+    for got, want in ((a, ref_a), (b, ref_b)):
+        for key, value in got.state_dict().items():
+            torch.testing.assert_close(value, want.state_dict()[key], rtol=0, atol=1e-6, msg=key)
