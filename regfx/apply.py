@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from regfx.distributed import broadcast_power_iteration_vectors, is_sharded
 from regfx.errors import RegfxError, RegfxWarning, SelectionError
 from regfx.graph import ModelGraph
 from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
@@ -127,6 +128,9 @@ def _check_model(model: Any) -> None:
             f"model is wrapped in {type(model).__name__}; transform the inner model "
             "(model.module) first, then wrap the result"
         )
+    if is_sharded(model):
+        raise RegfxError("model is already sharded by fully_shard (FSDP2); apply regfx before "
+                         "fully_shard: transform the unsharded model, then shard the result")
 
 
 def _unmatched(model: nn.Module, spec: str | None, field_name: str) -> list[str]:
@@ -291,6 +295,7 @@ def apply_plan(model: nn.Module, result: Plan, traces: TraceCache | None = None)
     apply_dropout(model, result.dropout, traces)
     if result.penalty is not None:
         apply_penalty(model, result.penalty)
+    broadcast_power_iteration_vectors(model)  # same spectral-norm u/v on every rank
     attach_state(model, RegfxState(recipe=result.recipe.to_dict(), sites=result.sites_dict(),
                                    traces=traces))
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from regfx.distributed import fsdp_base_class
 from regfx.graph import (
     DROPOUT_OPS,
     RESHAPE_OPS,
@@ -178,6 +179,10 @@ def _user_class(module: nn.Module) -> type:
     cls = type(module)
     while True:
         base = cls.__dict__.get("_regfx_base")
+        if base is not None:
+            cls = base
+            continue
+        base = fsdp_base_class(cls)  # fully_shard's FSDP<Class>
         if base is not None:
             cls = base
             continue
