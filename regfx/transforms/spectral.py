@@ -93,20 +93,25 @@ class _DivideBySigma(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, inv_sigma: torch.Tensor, u: torch.Tensor,
                 u_scaled: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
-        ctx.save_for_backward(weight, inv_sigma, u, u_scaled, v)
+        out = weight * inv_sigma
+        ctx.save_for_backward(weight, out, inv_sigma, u, u_scaled, v)
         ctx.dim = dim
-        return weight * inv_sigma
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        weight, inv_sigma, u, u_scaled, v = ctx.saved_tensors
+        weight, normalized, inv_sigma, u, u_scaled, v = ctx.saved_tensors
         dim = ctx.dim
         if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated
             return differentiable_grad(grad, weight, u, v, dim), None, None, None, None, None
         g_mat = _to_matrix(grad, dim)
-        w_mat = _to_matrix(weight, dim)
-        out = g_mat * inv_sigma.conj()  # a fresh tensor in matrix layout (conj: free if real)
-        out.addr_(u_scaled * torch.vdot(w_mat.reshape(-1), g_mat.reshape(-1)), v.conj())
+        # <W, G> = <W / sigma, G> * conj(sigma): the normalized weight, which the layer's own
+        # backward has just read, is still in cache where the weight itself is not
+        wn_mat = _to_matrix(normalized, dim)
+        s = inv_sigma.conj()  # conj: free on real tensors
+        dot = torch.vdot(wn_mat.reshape(-1), g_mat.reshape(-1)) / s
+        out = g_mat * s  # a fresh tensor in matrix layout
+        out.addr_(u_scaled * dot, v.conj())
         return _from_matrix(out, dim, grad.shape), None, None, None, None, None
 
 
@@ -237,16 +242,22 @@ def collect(model: nn.Module) -> list[Member]:
 def iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor], n: int,
             eps: float) -> tuple[list[torch.Tensor], ...]:
     """``n`` power iterations of every matrix in ``mats`` from ``us``/``vs`` (left as they are):
-    one ``mv`` per matrix and half-step, every vector operation one foreach op over all.
+    one ``mv`` per matrix and half-step, both of a matrix back to back, every vector operation
+    one foreach op over all.
     Returns ``1/sigma`` (real), the new ``u``, ``-u/sigma^2`` and the new ``v`` of each, all
     fresh tensors. Complex matrices iterate with the conjugate transpose, as torch's."""
     new_u, new_v = list(us), list(vs)
     with torch.no_grad():
         for _ in range(n):
-            w_v = [torch.mv(m, v) for m, v in zip(mats, new_v, strict=True)]
-            new_u = list(torch._foreach_div(
-                w_v, torch._foreach_clamp_min(torch._foreach_norm(w_v), eps)))
-            w_t_u = [torch.mv(m.mH, u) for m, u in zip(mats, new_u, strict=True)]
+            # W v and W^H (W v) back to back, while W is in cache; then, with c = max(|W v|, eps),
+            # u = W v / c and W^H u = W^H (W v) / c
+            w_v, w_t_w_v = [], []
+            for m, v in zip(mats, new_v, strict=True):
+                w_v.append(torch.mv(m, v))
+                w_t_w_v.append(torch.mv(m.mH, w_v[-1]))
+            clamped_u = torch._foreach_clamp_min(torch._foreach_norm(w_v), eps)
+            new_u = list(torch._foreach_div(w_v, clamped_u))
+            w_t_u = torch._foreach_div(w_t_w_v, clamped_u)
             norms_v = torch._foreach_norm(w_t_u)
             clamped = torch._foreach_clamp_min(norms_v, eps)
             new_v = list(torch._foreach_div(w_t_u, clamped))

@@ -495,3 +495,22 @@ def test_dataparallel_replica_iterates_on_its_own_like_torch(path: str | None) -
     (out_t ** 2).sum().backward()
     assert_mixed_match(ours, theirs, grads=True)
     ours(x).sum().backward()  # the original still takes its own fast path afterwards
+
+
+def test_engine_chooses_one_path_per_step() -> None:
+    """The device's fast path where all layers can share it, else each layer on its own."""
+    ours, _ = stacked("linear", 3)
+    engine = spectral_engine.install(ours)
+    assert engine is not None
+    current = norm_pairs(ours)
+    assert engine.choose(current) is Path.FOREACH  # CPU
+    assert engine.choose(current[:1]) is Path.PER_LAYER  # nothing to share
+    engine.path = Path.FUSED
+    assert engine.choose(current) is Path.FUSED
+    current[1][0].eps = 1e-6  # mixed settings
+    assert engine.choose(current) is Path.PER_LAYER
+    current[1][0].eps = current[0][0].eps
+    noncontiguous = [(sn, w.t()) if i == 1 else (sn, w) for i, (sn, w) in enumerate(current)]
+    assert engine.choose(noncontiguous) is Path.FUSED  # a transposed view is still dense
+    strided = [(sn, w[:, ::2]) if i == 1 else (sn, w) for i, (sn, w) in enumerate(current)]
+    assert engine.choose(strided) is Path.PER_LAYER  # the fused step needs dense weights
