@@ -45,6 +45,7 @@ from regfx.graph import ModelGraph, assign_roles
 from regfx.inputs import ExampleInputs, as_example_inputs, synthesize_inputs
 from regfx.observe import OTHER, Frame, Observation, OpEvent, Tok, observe
 from regfx.select import is_inserted_path, is_leaf_layer
+from regfx.util import gc_paused
 
 __all__ = ["trace", "trace_module", "trace_signature", "op_name", "call_spec", "Spec"]
 
@@ -840,6 +841,7 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any) -> ExampleInputs | No
                          "positional arguments or a dict of keyword arguments") from None
 
 
+@gc_paused()
 def trace(model: nn.Module, example_inputs: Any = None, *,
           observe_forward: bool | str = "auto", cache: TraceCache | None = None) -> ModelGraph:
     """Trace ``model`` into a :class:`ModelGraph`, never giving up on untraceable code.

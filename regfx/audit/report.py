@@ -16,6 +16,7 @@ from regfx.audit.policy import Policy, as_policy
 from regfx.audit.rules import SEVERITIES, Finding, active_rules, run_rules
 from regfx.errors import BaselineError, RegfxError
 from regfx.graph import ModelGraph
+from regfx.util import gc_paused
 
 __all__ = ["AuditReport", "Gate", "audit", "summarize", "SCHEMA_VERSION", "BaselineError",
            "read_baseline", "load_baselines", "pick_baseline", "json_schema"]
@@ -177,6 +178,7 @@ def relative_path(path: str) -> str:
         return path
 
 
+@gc_paused()
 def audit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
           policy: Policy | dict[str, Any] | str | Path | None = None,
           graph: ModelGraph | None = None, example_inputs: Any = None) -> AuditReport:
