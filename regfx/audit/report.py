@@ -13,9 +13,13 @@ from torch import nn
 
 from regfx.audit.inspect import OptimizerInfo, ParamRecord, inspect_model
 from regfx.audit.policy import Policy, as_policy
-from regfx.audit.rules import SEVERITIES, Finding, active_rules, run_rules
+from regfx.audit.rules import SEVERITIES, Finding, active_rules, run_rules, summarize
 from regfx.errors import BaselineError, RegfxError
 from regfx.graph import ModelGraph
+from regfx.render.markdown import render_markdown
+from regfx.render.text import render_text
+from regfx.state import state_of
+from regfx.trace import trace
 from regfx.util import gc_paused
 
 __all__ = ["AuditReport", "Gate", "audit", "summarize", "SCHEMA_VERSION", "BaselineError",
@@ -38,24 +42,6 @@ def json_schema() -> dict[str, Any]:
     text = resources.files("regfx.audit").joinpath("report.schema.json").read_text(encoding="utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
-
-
-def summarize(records: list[ParamRecord]) -> dict[str, Any]:
-    """The summary block: counts, numel and coverage (regularized / trainable numel).
-
-    A model with no trainable parameter has coverage 1.0: there is nothing left to regularize.
-    """
-    trainable = [r for r in records if r.trainable]
-    numel_trainable = sum(r.numel for r in trainable)
-    numel_reg = sum(r.numel for r in trainable if r.regularized)
-    return {
-        "parameters": len(records),
-        "regularized": sum(1 for r in records if r.regularized),
-        "numel": sum(r.numel for r in records),
-        "numel_trainable": numel_trainable,
-        "numel_regularized": numel_reg,
-        "coverage": round(numel_reg / numel_trainable, 6) if numel_trainable else 1.0,
-    }
 
 
 @dataclass(frozen=True)
@@ -151,13 +137,11 @@ class AuditReport:
 
     def to_text(self, color: bool = False) -> str:
         """The report as an aligned text table (``regfx audit`` output)."""
-        from regfx.render.text import render_text
 
         return render_text(self, color=color)
 
     def to_markdown(self) -> str:
         """The report as Markdown with a Mermaid layer graph (for CI job summaries)."""
-        from regfx.render.markdown import render_markdown
 
         return render_markdown(self)
 
@@ -209,9 +193,6 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
         >>> report.summary["coverage"]
         >>> print(report.to_text())
     """
-    from regfx.state import state_of
-    from regfx.trace import trace
-
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     if not isinstance(model, nn.Module):

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from regfx.audit.inspect import NORM_KINDS, Inspection, is_weight_of_layer, module_class_name
+from regfx.audit.inspect import (
+    NORM_KINDS,
+    Inspection,
+    ParamRecord,
+    definition_site,
+    is_weight_of_layer,
+    module_class_name,
+)
 from regfx.select import is_norm, matches, parse_types
 
 if TYPE_CHECKING:
@@ -70,7 +77,6 @@ class Rule:
 
 def _finding(rule_code: str, target: str, message: str, ctx: Inspection,
              module: str | None = None) -> Finding:
-    from regfx.audit.inspect import definition_site
 
     rule = RULES_BY_CODE[rule_code]
     site = None
@@ -407,6 +413,24 @@ def required_regularizer(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                                    "narrow the policy", ctx, rec.module)
 
 
+def summarize(records: list[ParamRecord]) -> dict[str, Any]:
+    """The summary block: counts, numel and coverage (regularized / trainable numel).
+
+    A model with no trainable parameter has coverage 1.0: there is nothing left to regularize.
+    """
+    trainable = [r for r in records if r.trainable]
+    numel_trainable = sum(r.numel for r in trainable)
+    numel_reg = sum(r.numel for r in trainable if r.regularized)
+    return {
+        "parameters": len(records),
+        "regularized": sum(1 for r in records if r.regularized),
+        "numel": sum(r.numel for r in records),
+        "numel_trainable": numel_trainable,
+        "numel_regularized": numel_reg,
+        "coverage": round(numel_reg / numel_trainable, 6) if numel_trainable else 1.0,
+    }
+
+
 def coverage_below_minimum(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
     """Regularized share of trainable parameters is below the policy's ``min_coverage``.
 
@@ -416,8 +440,6 @@ def coverage_below_minimum(ctx: Inspection, policy: Policy) -> Iterator[Finding]
     """
     if policy.min_coverage is None:
         return
-    from regfx.audit.report import summarize
-
     cov = summarize(ctx.records)["coverage"]
     if cov + 1e-12 < policy.min_coverage:
         yield _finding("RFX502", "(model)",
