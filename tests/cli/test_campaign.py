@@ -10,7 +10,7 @@ by hypothesis, and every run must keep the contract:
   model it was given unchanged.
 
 A small derandomized run is part of the suite. ``REGFX_HYPOTHESIS_PROFILE=explore`` runs 10,000
-examples in all (2,500 per campaign), with fresh randomness::
+examples in all (2,500 per campaign; 100 each by default), with fresh randomness::
 
     REGFX_HYPOTHESIS_PROFILE=explore python -m pytest -q -p no:cacheprovider tests/cli/test_campaign.py
 """
@@ -41,7 +41,7 @@ from regfx.recipe import Recipe
 
 EXPLORE = os.environ.get("REGFX_HYPOTHESIS_PROFILE") == "explore"
 CAMPAIGN = settings(
-    max_examples=2500 if EXPLORE else 12,
+    max_examples=2500 if EXPLORE else 100,
     derandomize=not EXPLORE,
     deadline=None,
     database=None,
