@@ -29,6 +29,7 @@ its own.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -123,6 +124,17 @@ class _Bucket:
     params: list[torch.Tensor]
     bounds: list[tuple[int, int]]
     scratch: list[list[torch.Tensor]] | None
+    sharded: bool = False  # DTensors: the foreach ops run on their local shards
+
+    def values(self) -> list[torch.Tensor]:
+        if self.sharded:
+            return [local_tensor(p) for p in self.params]
+        return [p.detach() for p in self.params]
+
+    def grads(self) -> list[torch.Tensor]:
+        if self.sharded:
+            return [local_tensor(p.grad) for p in self.params]  # type: ignore[arg-type]
+        return [p.grad for p in self.params]  # type: ignore[misc]
 
 
 @dataclass(eq=False)
@@ -133,6 +145,7 @@ class _OptimizerView:
     group_sizes: tuple[int, ...]
     params: list[torch.Tensor | None]
     buckets: list[_Bucket]
+    frozen: list[torch.Tensor]  # penalized once they require gradients again
 
 
 Slot = tuple[nn.Module, str]
@@ -160,19 +173,15 @@ class PenaltyState:
         default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def current(self) -> list[torch.Tensor | None]:
-        """The tensor in every slot now (None where it is gone or frozen)."""
-        out: list[torch.Tensor | None] = []
-        for owner, key in self.slots:
-            p = owner._parameters.get(key)
-            out.append(p if p is not None and p.requires_grad else None)
-        return out
+        """The tensor in every slot now (None where it is gone)."""
+        return [owner._parameters.get(key) for owner, key in self.slots]
 
     def parameters(self) -> list[torch.Tensor]:
         """The penalized parameters as the model holds them now, each once."""
         seen: set[int] = set()
         out = []
         for p in self.current():
-            if p is not None and id(p) not in seen:
+            if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
         return out
@@ -197,13 +206,19 @@ class PenaltyState:
         sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
         view = self.views.get(optimizer)
         if (view is not None and view.group_sizes == sizes
-                and all(a is b for a, b in zip(view.params, current, strict=True))):
+                and all(map(operator.is_, view.params, current))
+                and all(p.requires_grad for b in view.buckets for p in b.params)
+                and not any(p.requires_grad for p in view.frozen)):
             return view.buckets
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
         chosen: dict[int, torch.Tensor] = {}
+        frozen: list[torch.Tensor] = []
         for p in current:
             if p is not None and id(p) in in_optimizer:
-                chosen.setdefault(id(p), p)
+                if p.requires_grad:
+                    chosen.setdefault(id(p), p)
+                else:
+                    frozen.append(p)
         by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in chosen.values():
             by_device.setdefault((p.device, p.dtype), []).append(p)
@@ -213,8 +228,8 @@ class PenaltyState:
             # chunks pay off only when several ops touch the same data (L1's sign, then add)
             bounds = _chunk_bounds(local) if self.l1 else [(0, len(local))]
             scratch = _scratch(local, bounds) if self.l1 and device.type == "cpu" else None
-            buckets.append(_Bucket(same, bounds, scratch))
-        self.views[optimizer] = _OptimizerView(sizes, current, buckets)
+            buckets.append(_Bucket(same, bounds, scratch, any(map(is_dtensor, same))))
+        self.views[optimizer] = _OptimizerView(sizes, current, buckets, frozen)
         return buckets
 
     def __getstate__(self) -> dict[str, Any]:
@@ -303,8 +318,7 @@ def _add_penalty_grads(l1: float, l2: float, buckets: list[_Bucket]) -> None:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         with torch.no_grad():
-            grads = [local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
-            values = [local_tensor(p) for p in params]
+            grads, values = bucket.grads(), bucket.values()
             for i, (start, stop) in enumerate(bucket.bounds):
                 g, v = grads[start:stop], values[start:stop]
                 if not l1:
