@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from regfx.audit.inspect import OptimizerInfo, ParamRecord, inspect_model
+from regfx.audit.inspect import OptimizerInfo, ParamRecord, inspect_model, module_class_name
 from regfx.audit.policy import Policy, as_policy
 from regfx.audit.rules import SEVERITIES, Finding, active_rules, run_rules, summarize
 from regfx.errors import BaselineError, RegfxError
@@ -206,7 +206,7 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
         graph = trace(model, example_inputs, cache=state.traces if state is not None else None)
     ctx = inspect_model(model, graph, optimizer)
     findings = run_rules(ctx, pol)
-    return AuditReport(model=type(model).__name__, params=ctx.records, findings=findings,
+    return AuditReport(model=module_class_name(model), params=ctx.records, findings=findings,
                        policy=pol, rules=tuple(r.code for r in active_rules(pol)),
                        optimizer=ctx.optimizer, opaque=dict(graph.opaque), graph=graph)
 
