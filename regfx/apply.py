@@ -19,8 +19,9 @@ from regfx.errors import RegfxError, RegfxWarning, SelectionError
 from regfx.graph import ModelGraph
 from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
 from regfx.select import parse_types, select_layers
-from regfx.state import RegfxState, attach_state, drop_state, state_of
+from regfx.state import drop_state, ensure_state, state_of
 from regfx.trace import TraceCache, trace
+from regfx.util import gc_paused
 from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
 from regfx.transforms.norms import ZERO_WEIGHT, NormSite, apply_norms, fold_norms, plan_norms
 from regfx.transforms.penalty import PenaltySpec, apply_penalty, plan_penalty, remove_penalty
@@ -203,6 +204,7 @@ def _plan(model: nn.Module, rec: Recipe, graph: ModelGraph | None, example_input
     return result
 
 
+@gc_paused()
 def transform(
     model: nn.Module,
     recipe: Recipe | None = None,
@@ -291,13 +293,15 @@ def apply_plan(model: nn.Module, result: Plan, traces: TraceCache | None = None)
     kept in the model's state for later audits.
     """
     traces = traces if traces is not None else TraceCache()
+    state = ensure_state(model)
     apply_norms(model, result.norms)
     apply_dropout(model, result.dropout, traces)
     if result.penalty is not None:
         apply_penalty(model, result.penalty)
     broadcast_power_iteration_vectors(model)  # same spectral-norm u/v on every rank
-    attach_state(model, RegfxState(recipe=result.recipe.to_dict(), sites=result.sites_dict(),
-                                   traces=traces))
+    state.recipe = result.recipe.to_dict()
+    state.sites = result.sites_dict()
+    state.traces = traces
 
 
 def recipe_of(model: nn.Module) -> Recipe | None:

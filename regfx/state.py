@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from regfx.trace import TraceCache
+
+if TYPE_CHECKING:
+    from regfx.transforms.penalty import PenaltyState
 
 _ATTR = "_regfx_state"
 
@@ -26,25 +29,33 @@ class RegfxState:
     Attributes:
         recipe: the resolved recipe (``Recipe.to_dict()``) the model was transformed with.
         sites: the applied sites (``Plan.sites_dict()``), stored in checkpoints.
+        penalty: the L1/L2 penalty (what is penalized, and the optimizer hook it registered),
+            or None.
         traces: the one-level traces the transform made of the model; auditing the model
             re-traces only the modules the transform edited. Not copied or pickled with the
             model (a copy traces afresh).
+
+    A deep copy (with the model) gets its own penalty, bound to the copy's modules, with a
+    hook of its own.
     """
 
     recipe: dict[str, Any] | None = None
     sites: dict[str, Any] | None = None
+    penalty: PenaltyState | None = None
     traces: TraceCache = field(default_factory=TraceCache)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RegfxState:
         return RegfxState(recipe=copy.deepcopy(self.recipe, memo),
-                          sites=copy.deepcopy(self.sites, memo))
+                          sites=copy.deepcopy(self.sites, memo),
+                          penalty=copy.deepcopy(self.penalty, memo))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "sites": self.sites}
+        return {"recipe": self.recipe, "sites": self.sites, "penalty": self.penalty}
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         self.recipe = data.get("recipe")
         self.sites = data.get("sites")
+        self.penalty = data.get("penalty")
         self.traces = TraceCache()
 
 
@@ -54,12 +65,17 @@ def state_of(model: nn.Module) -> RegfxState | None:
     return found if isinstance(found, RegfxState) else None
 
 
-def attach_state(model: nn.Module, state: RegfxState) -> RegfxState:
-    """Make ``state`` the state of ``model`` (replacing any earlier one)."""
-    model.__dict__[_ATTR] = state
-    return state
+def ensure_state(model: nn.Module) -> RegfxState:
+    """The state of ``model``, made empty first where it has none."""
+    found = state_of(model)
+    if found is None:
+        found = model.__dict__[_ATTR] = RegfxState()
+    return found
 
 
 def drop_state(model: nn.Module) -> None:
-    """Forget regfx's state on ``model`` (after its edits were removed)."""
-    model.__dict__.pop(_ATTR, None)
+    """Forget regfx's state on ``model`` (after its edits were removed; a penalty still
+    attached is detached)."""
+    found = model.__dict__.pop(_ATTR, None)
+    if isinstance(found, RegfxState) and found.penalty is not None:
+        found.penalty.detach()

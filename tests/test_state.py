@@ -53,13 +53,17 @@ def _count_traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_a_transformed_model_has_one_state_object() -> None:
-    model = regfx.transform(Net(), dropout=0.1)
+    model = regfx.transform(Net(), dropout=0.1, l2=1e-4)
     state = state_of(model)
     assert isinstance(state, RegfxState)
     assert state.recipe is not None and state.recipe["dropout"] == 0.1
     assert state.sites is not None
     assert regfx.state_of(Net()) is None
+    assert state.penalty is not None and state.penalty.l2 == 1e-4
     assert [k for k in vars(model) if k.startswith("_regfx")] == ["_regfx_state"]
+    for mod in model.modules():
+        if mod is not model:
+            assert not [k for k in vars(mod) if k.startswith("_regfx")], type(mod).__name__
 
 
 def test_bake_drops_the_state() -> None:

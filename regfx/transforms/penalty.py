@@ -18,7 +18,8 @@ the penalty gradient after every evaluation of the user's closure, and returns t
 plus the penalty value (detached), as an explicit loss term would: LBFGS's line search and
 convergence test read that value.
 
-State: one :class:`PenaltyState` per model, in the model's ``__dict__``, owns what is penalized
+State: one :class:`PenaltyState` per model, in the model's :class:`~regfx.state.RegfxState`
+(``regfx.state_of(model).penalty``), owns what is penalized
 and the handle of the optimizer step pre-hook it registered (removed through that handle). It
 finds the parameters where they live, by module and attribute name, at every step: never by the
 identity they had when the penalty was attached, which ``fully_shard`` (DTensor parameters),
@@ -43,12 +44,10 @@ from torch.utils.hooks import RemovableHandle
 from regfx.distributed import all_reduce_sum, is_dtensor, local_tensor
 from regfx.errors import RegfxError
 from regfx.select import select_layers, weight_names
+from regfx.state import ensure_state, state_of
 
 __all__ = ["PenaltySpec", "PenaltyState", "plan_penalty", "apply_penalty", "remove_penalty",
            "penalty", "penalty_state", "penalized_parameters"]
-
-_STATE_KEY = "_regfx_penalty"
-
 
 @dataclass(frozen=True)
 class PenaltySpec:
@@ -260,8 +259,8 @@ class _StepHook:
 
 def penalty_state(model: nn.Module) -> PenaltyState | None:
     """The penalty attached to ``model`` by :func:`apply_penalty`, or None."""
-    state = model.__dict__.get(_STATE_KEY)
-    return state if isinstance(state, PenaltyState) else None
+    found = state_of(model)
+    return found.penalty if found is not None else None
 
 
 def _slots(model: nn.Module, spec: PenaltySpec) -> tuple[Slot, ...]:
@@ -288,14 +287,15 @@ def apply_penalty(model: nn.Module, spec: PenaltySpec) -> None:
     remove_penalty(model)
     state = PenaltyState(spec.params, spec.l1, spec.l2, _slots(model, spec))
     state.attach()
-    model.__dict__[_STATE_KEY] = state
+    ensure_state(model).penalty = state
 
 
 def remove_penalty(model: nn.Module) -> None:
     """Detach a regfx penalty from ``model`` (mutates it)."""
-    state = model.__dict__.pop(_STATE_KEY, None)
-    if isinstance(state, PenaltyState):
-        state.detach()
+    found = state_of(model)
+    if found is not None and found.penalty is not None:
+        found.penalty.detach()
+        found.penalty = None
 
 
 def penalized_parameters(model: nn.Module) -> dict[str, Any]:
