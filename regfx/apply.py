@@ -21,10 +21,10 @@ from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
 from regfx.select import parse_types, select_layers
 from regfx.state import drop_state, ensure_state, state_of
 from regfx.trace import TraceCache, trace
-from regfx.util import gc_paused
 from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
 from regfx.transforms.norms import ZERO_WEIGHT, NormSite, apply_norms, fold_norms, plan_norms
 from regfx.transforms.penalty import PenaltySpec, apply_penalty, plan_penalty, remove_penalty
+from regfx.util import gc_paused
 
 __all__ = ["Plan", "plan", "transform", "bake", "load_state_dict", "save_checkpoint",
            "load_checkpoint", "CheckpointError", "RegfxWarning", "recipe_of"]
@@ -169,6 +169,10 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
 
 def _plan(model: nn.Module, rec: Recipe, graph: ModelGraph | None, example_inputs: Any,
           cache: TraceCache | None) -> Plan:
+    if (rec.spectral or rec.weight_norm or rec.l1 or rec.l2) and any(
+            isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise RegfxError(f"{type(model).__name__} has lazy layers that are not initialized; "
+                         "run one forward first")
     messages: list[str] = []
     if rec.dropout is not None:
         messages += _unmatched(model, rec.dropout_after, "dropout_after")
@@ -204,7 +208,6 @@ def _plan(model: nn.Module, rec: Recipe, graph: ModelGraph | None, example_input
     return result
 
 
-@gc_paused()
 def transform(
     model: nn.Module,
     recipe: Recipe | None = None,
@@ -261,18 +264,20 @@ def transform(
                      include=include, exclude=exclude, **options)
     rec = resolve_recipe(recipe, **overrides)
     previous = recipe_of(model)
-    if previous is not None and previous == rec:
-        return model if inplace else copy.deepcopy(model)  # transforming twice = once
-    target = model if inplace else copy.deepcopy(model)
-    if previous is not None:
-        # Another recipe: undo regfx's own edits so the new one is planned from the model's
-        # structure, not around the old dropout (norms are folded only where they change).
-        _strip(target, previous, rec)
-    traces = TraceCache()
-    result = _plan(target, rec, None, example_inputs, traces)
-    for message in result.warnings:
-        warnings.warn(message, RegfxWarning, stacklevel=2)
-    apply_plan(target, result, traces)
+    with gc_paused():
+        if previous is not None and previous == rec:
+            return model if inplace else copy.deepcopy(model)  # transforming twice = once
+        target = model if inplace else copy.deepcopy(model)
+        if previous is not None:
+            # Another recipe: undo regfx's own edits so the new one is planned from the
+            # model's structure, not around the old dropout (norms are folded only where they
+            # change).
+            _strip(target, previous, rec)
+        traces = TraceCache()
+        result = _plan(target, rec, None, example_inputs, traces)
+        for message in result.warnings:
+            warnings.warn(message, RegfxWarning, stacklevel=2)
+        apply_plan(target, result, traces)
     return target
 
 
@@ -283,7 +288,10 @@ def _strip(model: nn.Module, previous: Recipe, new: Recipe) -> None:
     norm_fields = ("spectral", "weight_norm", "n_power_iterations", "include", "exclude")
     if any(getattr(previous, f) != getattr(new, f) for f in norm_fields):
         fold_norms(model)
-    drop_state(model)
+    state = state_of(model)
+    if state is not None:  # norms kept stay in it (bake folds them later)
+        state.recipe = state.sites = None
+        state.traces = TraceCache()
 
 
 def apply_plan(model: nn.Module, result: Plan, traces: TraceCache | None = None) -> None:

@@ -18,6 +18,22 @@ from regfx.trace import TraceCache
 
 if TYPE_CHECKING:
     from regfx.transforms.penalty import PenaltyState
+    from regfx.transforms.spectral_engine import SpectralEngine
+
+
+@dataclass
+class NormRecord:
+    """A weight/spectral norm regfx registered on one layer.
+
+    Attributes:
+        param_order: the layer's parameter names before, so folding restores their order
+            (and the state-dict order).
+        load_hooks: keys of the ``load_state_dict`` pre-hooks torch's ``weight_norm`` added
+            without returning a handle; removed when the norm is folded.
+    """
+
+    param_order: list[str]
+    load_hooks: list[int] = field(default_factory=list)
 
 _ATTR = "_regfx_state"
 
@@ -31,6 +47,10 @@ class RegfxState:
         sites: the applied sites (``Plan.sites_dict()``), stored in checkpoints.
         penalty: the L1/L2 penalty (what is penalized, and the optimizer hook it registered),
             or None.
+        spectral: the spectral-norm engine (its forward hooks on the root, the fast path's
+            buffers), or None.
+        norms: the weight/spectral norms regfx registered, by layer name: ``bake`` folds
+            these and leaves the user's own parametrizations alone.
         traces: the one-level traces the transform made of the model; auditing the model
             re-traces only the modules the transform edited. Not copied or pickled with the
             model (a copy traces afresh).
@@ -42,20 +62,22 @@ class RegfxState:
     recipe: dict[str, Any] | None = None
     sites: dict[str, Any] | None = None
     penalty: PenaltyState | None = None
+    spectral: SpectralEngine | None = None
+    norms: dict[str, NormRecord] = field(default_factory=dict)
     traces: TraceCache = field(default_factory=TraceCache)
 
+    _COPIED = ("recipe", "sites", "penalty", "spectral", "norms")
+
     def __deepcopy__(self, memo: dict[int, Any]) -> RegfxState:
-        return RegfxState(recipe=copy.deepcopy(self.recipe, memo),
-                          sites=copy.deepcopy(self.sites, memo),
-                          penalty=copy.deepcopy(self.penalty, memo))
+        return RegfxState(**{k: copy.deepcopy(getattr(self, k), memo) for k in self._COPIED})
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "sites": self.sites, "penalty": self.penalty}
+        return {k: getattr(self, k) for k in self._COPIED}
 
     def __setstate__(self, data: dict[str, Any]) -> None:
-        self.recipe = data.get("recipe")
-        self.sites = data.get("sites")
-        self.penalty = data.get("penalty")
+        for k in self._COPIED:
+            setattr(self, k, data.get(k))
+        self.norms = self.norms or {}
         self.traces = TraceCache()
 
 

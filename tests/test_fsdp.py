@@ -26,17 +26,10 @@ import regfx  # noqa: E402
 
 SPECTRAL_CASES = ("spectral_norm", "combined", "root_only")
 PENALTY_CASES = ("l1", "l2", "combined", "root_only")
-SPECTRAL_ENGINE_SHARDS = pytest.mark.xfail(
-    strict=True,
-    reason="spectral norm's model-level pre-forward step iterates on the weights while each "
-           "layer's are still sharded DTensors (fully_shard per layer); each layer must then "
-           "iterate on its own, on the gathered weight")
-EXPECTED_TO_FAIL = {"spectral_norm": SPECTRAL_ENGINE_SHARDS, "combined": SPECTRAL_ENGINE_SHARDS}
 
 
 def case_params(names: Any) -> list[Any]:
-    return [pytest.param(n, marks=EXPECTED_TO_FAIL[n]) if n in EXPECTED_TO_FAIL else n
-            for n in names]
+    return list(names)
 
 
 def unavailable() -> str | None:

@@ -200,6 +200,9 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise RegfxError(f"optimizer must be a torch.optim.Optimizer, got "
                          f"{type(optimizer).__name__}; pass the optimizer or None")
+    if graph is not None and not isinstance(graph, ModelGraph):
+        raise RegfxError(f"graph must be a regfx.ModelGraph from regfx.trace(model), got "
+                         f"{type(graph).__name__}; pass the graph or None")
     pol = as_policy(policy)
     if graph is None:
         state = state_of(model)  # a transformed model: reuse the traces its transform made

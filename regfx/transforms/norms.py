@@ -17,6 +17,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm, weight_norm
 
 from regfx.errors import RegfxError
 from regfx.select import is_linear_like, select_layers
+from regfx.state import NormRecord, ensure_state, state_of
 from regfx.transforms import spectral_engine
 from regfx.transforms.spectral import spectral_norm
 
@@ -84,6 +85,10 @@ def zero_weight_reason(weight: torch.Tensor, kind: str, dim: int) -> str | None:
     largest singular value: a zero row (weight norm) or an all-zero weight (spectral norm), as
     left by zero-initialized heads and residual branches, would make the layer output NaN.
     """
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "lazy layer not initialized: run one forward first"
+    if weight.numel() == 0:
+        return f"zero-size weight {tuple(weight.shape)}: nothing to normalize; exclude the layer"
     if weight.is_meta or weight.ndim < 2:
         return None
     with torch.no_grad():
@@ -166,23 +171,23 @@ def plan_norms(
 
 def apply_norms(model: nn.Module, sites: list[NormSite]) -> None:
     """Register the planned parametrizations (mutates ``model``)."""
+    records = ensure_state(model).norms
     for site in sites:
         mod = model.get_submodule(site.layer)
-        order = list(mod._parameters)
+        record = NormRecord(list(mod._parameters))
         if site.kind == "weight_norm":
             hooks = set(mod._load_state_dict_pre_hooks)
             weight_norm(mod, "weight", dim=site.dim)
             # torch's weight_norm adds a load_state_dict pre-hook (a local function, which
             # cannot be pickled) without returning its handle: keep its key to remove it on bake
-            mod.__dict__["_regfx_norm_hooks"] = [k for k in mod._load_state_dict_pre_hooks
-                                                 if k not in hooks]
+            record.load_hooks = [k for k in mod._load_state_dict_pre_hooks if k not in hooks]
         else:
             spectral_norm(mod, "weight", n_power_iterations=site.n_power_iterations, dim=site.dim)
-        mod.__dict__["_regfx_param_order"] = order
+        records[site.layer] = record
         shared = cast(nn.Module, mod.parametrizations.weight[0])  # type: ignore[union-attr, index]
         for alias in site.aliases:
             other = model.get_submodule(alias)
-            other.__dict__["_regfx_param_order"] = list(other._parameters)
+            records[alias] = NormRecord(list(other._parameters))
             parametrize.register_parametrization(other, "weight", shared, unsafe=True)
             # register_parametrization made a fresh `original`: re-tie it to the first layer's.
             plist = cast(nn.Module, other.parametrizations.weight)  # type: ignore[union-attr]
@@ -197,9 +202,12 @@ def fold_norms(model: nn.Module) -> None:
     (eval mode semantics: spectral norm's u/v do not advance). Tied weights stay tied; the
     user's own parametrizations are left as they are."""
     spectral_engine.uninstall(model)
+    state = state_of(model)
+    records = state.norms if state is not None else {}
     folded: dict[int, nn.Parameter] = {}
-    for mod in list(model.modules()):
-        if not parametrize.is_parametrized(mod, "weight") or "_regfx_param_order" not in mod.__dict__:
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        record = records.get(name)
+        if record is None or not parametrize.is_parametrized(mod, "weight"):
             continue
         kind = norm_kind_of(mod)
         if kind not in ("weight_norm", "spectral_norm"):
@@ -224,12 +232,12 @@ def fold_norms(model: nn.Module) -> None:
         for m in plist.modules():
             m.training = False  # folding must not advance spectral norm's u/v
         parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-        for hook_key in mod.__dict__.pop("_regfx_norm_hooks", ()):
+        for hook_key in record.load_hooks:
             mod._load_state_dict_pre_hooks.pop(hook_key, None)
         mod._parameters.pop("weight", None)
         mod._buffers.pop("weight", None)
         mod._parameters["weight"] = folded[key]
-        order = mod.__dict__.pop("_regfx_param_order", None)
+        order = record.param_order
         if order:
             mod._parameters = type(mod._parameters)(
                 (k, mod._parameters[k]) for k in order if k in mod._parameters

@@ -30,13 +30,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from regfx.distributed import is_dtensor
+from regfx.state import ensure_state, state_of
 from regfx.transforms.spectral import Member, SpectralNorm, collect, prepare_foreach
 from regfx.transforms.spectral_fused import FusedSpectral, eligible
 
-__all__ = ["ATTRIBUTE", "Path", "SpectralEngine", "engine_of", "install", "uninstall"]
-
-ATTRIBUTE = "_regfx_spectral_engine"
-"""The attribute of a transformed model's root module that holds its :class:`SpectralEngine`."""
+__all__ = ["Path", "SpectralEngine", "engine_of", "install", "uninstall"]
 
 
 class Path(enum.Enum):
@@ -102,7 +101,10 @@ class SpectralEngine:
         current = []
         for member in self.members:
             weight = member.weight
-            if member.norm.training and weight.ndim >= 2 and not weight.is_meta:
+            # a weight fully_shard keeps sharded until the layer's own pre-forward gathers it
+            # is left to that layer, which then iterates on the gathered weight itself
+            if member.norm.training and weight.ndim >= 2 and not weight.is_meta \
+                    and not is_dtensor(weight):
                 current.append((member.norm, weight))
         path = self.choose(current)
         if path is Path.FOREACH:
@@ -136,7 +138,7 @@ class SpectralEngine:
 def _before_forward(model: nn.Module, args: Any) -> None:
     if torch.compiler.is_compiling():
         return  # each layer runs torch's own code, which dynamo traces in the model's graph
-    engine = model.__dict__.get(ATTRIBUTE)
+    engine = engine_of(model)
     if engine is not None:
         engine.before_forward(model)
 
@@ -144,14 +146,16 @@ def _before_forward(model: nn.Module, args: Any) -> None:
 def _after_forward(model: nn.Module, args: Any, output: Any) -> None:
     if torch.compiler.is_compiling():
         return
-    engine = model.__dict__.get(ATTRIBUTE)
+    engine = engine_of(model)
     if engine is not None:
         engine.after_forward(model)
 
 
 def engine_of(model: nn.Module) -> SpectralEngine | None:
-    """The :class:`SpectralEngine` installed on ``model``, if any."""
-    return model.__dict__.get(ATTRIBUTE)
+    """The :class:`SpectralEngine` installed on ``model`` (held by its
+    :class:`~regfx.state.RegfxState`), if any."""
+    state = state_of(model)
+    return state.spectral if state is not None else None
 
 
 def install(model: nn.Module) -> SpectralEngine | None:
@@ -164,12 +168,13 @@ def install(model: nn.Module) -> SpectralEngine | None:
     engine = SpectralEngine(model, members)
     engine.handles = [model.register_forward_pre_hook(_before_forward),
                       model.register_forward_hook(_after_forward)]
-    model.__dict__[ATTRIBUTE] = engine
+    ensure_state(model).spectral = engine
     return engine
 
 
 def uninstall(model: nn.Module) -> None:
     """Remove ``model``'s :class:`SpectralEngine` and its hooks, if it has one."""
-    engine = model.__dict__.pop(ATTRIBUTE, None)
-    if engine is not None:
-        engine.remove()
+    state = state_of(model)
+    if state is not None and state.spectral is not None:
+        state.spectral.remove()
+        state.spectral = None
