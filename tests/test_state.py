@@ -53,13 +53,15 @@ def _count_traces(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_a_transformed_model_has_one_state_object() -> None:
-    model = regfx.transform(Net(), dropout=0.1, l2=1e-4)
+    model = regfx.transform(Net(), dropout=0.1, l2=1e-4, spectral="linear")
     state = state_of(model)
     assert isinstance(state, RegfxState)
     assert state.recipe is not None and state.recipe["dropout"] == 0.1
     assert state.sites is not None
     assert regfx.state_of(Net()) is None
     assert state.penalty is not None and state.penalty.l2 == 1e-4
+    assert state.spectral is not None and state.spectral.root is model
+    assert sorted(state.norms) == ["blocks.0.fc", "blocks.1.fc", "head"]
     assert [k for k in vars(model) if k.startswith("_regfx")] == ["_regfx_state"]
     for mod in model.modules():
         if mod is not model:
@@ -131,3 +133,18 @@ def test_a_forward_with_a_tensor_constant_keeps_it_after_the_edit() -> None:
     out(x).sum().backward()
     assert sorted(runs) == ["blocks.0.fc.regfx_dropout", "blocks.1.fc.regfx_dropout"]
     assert regfx.trace(copy.deepcopy(out)).opaque == {}
+
+
+def test_bake_folds_the_norms_the_state_records_and_keeps_the_users_own() -> None:
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = Net()
+    weight_norm(model.head)  # the user's own
+    out = regfx.transform(model, spectral="linear", include="blocks.*")
+    assert sorted(state_of(out).norms) == ["blocks.0.fc", "blocks.1.fc"]
+    baked = regfx.bake(out)
+    assert state_of(baked) is None
+    assert not parametrize.is_parametrized(baked.blocks[0].fc)
+    assert parametrize.is_parametrized(baked.head)
+    assert list(baked.state_dict()) == list(model.state_dict())
