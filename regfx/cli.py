@@ -203,6 +203,7 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     from regfx.apply import apply_plan, save_checkpoint
     from regfx.load import load_model
     from regfx.recipe import NOT_GIVEN, resolve_recipe
+    from regfx.render.plan import render_plan
     from regfx.trace import trace
 
     # click gives None (and () for repeatable flags) for a flag not on the command line
@@ -235,7 +236,7 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
         data["checkpoint"] = None if dry_run else output
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(_plan_table(the_plan, type(loaded.model).__name__, dry_run), nl=False)
+    click.echo(render_plan(the_plan, type(loaded.model).__name__, dry_run), nl=False)
     if output is not None and not dry_run:
         click.echo(f"checkpoint written to {output}")
 
@@ -444,24 +445,6 @@ def _check_inputs_fit(loaded: Any, graph: Any) -> None:
     error = getattr(graph, "observe_error", None) or ""
     if loaded.example_inputs is not None and error.startswith(failed):
         raise inputs_do_not_fit(loaded.model, error[len(failed):])
-
-
-def _plan_table(the_plan: Any, model_name: str, dry_run: bool) -> str:
-    rows = the_plan.rows()
-    head = "Plan for" if dry_run else "Applied to"
-    lines = [f"{head} {model_name}: {len(rows)} site(s)"]
-    if rows:
-        table = [("site", "kind", "parameters")] + [(r["site"], r["kind"], r["parameters"])
-                                                    for r in rows]
-        w0 = max(len(r[0]) for r in table)
-        w1 = max(len(r[1]) for r in table)
-        for r in table:
-            lines.append(f"  {r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}")
-    if the_plan.skipped:
-        lines.append(f"Skipped {len(the_plan.skipped)}:")
-        for site, kind, why in the_plan.skipped:
-            lines.append(f"  {site}  {kind}: {why}")
-    return "\n".join(lines) + "\n"
 
 
 def _emit(text: str, output: str | None) -> None:

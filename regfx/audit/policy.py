@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regfx.audit.inspect import KINDS
+from regfx.audit.rules import RULES
 from regfx.errors import PolicyError, RegfxError
 from regfx.recipe import find_pyproject, read_toml, regfx_table, table_key
 from regfx.select import parse_types
@@ -74,8 +76,6 @@ class Policy:
 
     def validate(self, source: str = "policy") -> Policy:
         """Check every field; return self. Raises PolicyError naming the key and the value."""
-        from regfx.audit.inspect import KINDS
-
         if not isinstance(self.fail_on, str) or self.fail_on not in FAIL_ON:
             raise PolicyError(f"{source}: fail_on must be one of {', '.join(FAIL_ON)}, "
                               f"got {self.fail_on!r}")
@@ -186,8 +186,6 @@ def as_policy(policy: Policy | dict[str, Any] | str | Path | None) -> Policy:
 
 
 def _check_code(code: str, source: str) -> None:
-    from regfx.audit.rules import RULES
-
     codes = [r.code for r in RULES]
     if not _CODE.match(code) or not any(c.startswith(code) for c in codes):
         close = difflib.get_close_matches(code, codes, n=1)
