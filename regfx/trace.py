@@ -312,6 +312,9 @@ class TraceCache:
         # graphs that only call their children, under keys blind to what regfx adds to a
         # child (a parametrization, an inserted dropout): those do not change such a graph
         self._blind: dict[tuple[Any, ...], fx.Graph] = {}
+        # the tensor constants torch.fx stored on the module it traced, per graph (graphs are
+        # held by this cache, so their ids are not reused while these entries live)
+        self._constants: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -331,23 +334,30 @@ class TraceCache:
             except Exception as exc:  # noqa: BLE001 - any failure means "does not trace"
                 found = _first_line(exc)
             self._graphs[key] = found
-            if isinstance(found, fx.Graph) and not _reaches_into_children(found):
-                self._blind[coarse] = found
+            if isinstance(found, fx.Graph):
+                names = [str(n.target) for n in found.nodes
+                         if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]
+                if names:
+                    self._constants[id(found)] = {n: getattr(module, n) for n in names}
+                if not _reaches_into_children(found):
+                    self._blind[coarse] = found
         return found
 
     def editable(self, module: nn.Module, spec: Spec = ()) -> fx.Graph:
-        """A fresh copy of ``module``'s one-level graph under ``spec``, to edit (a fresh trace
-        where torch.fx made tensor constants: it stores them on the traced module).
+        """A fresh copy of ``module``'s one-level graph under ``spec``, to edit.
+
+        The tensor constants torch.fx made for the graph are set on ``module``, where code
+        generated from the graph reads them (as torch.fx itself stores them on the module it
+        traces). They derive from values the trace key holds (plain attributes by value,
+        others by identity, globals), so modules sharing the graph share them.
 
         Raises whatever torch.fx raises when the forward does not trace.
         """
         found = self.get(module, spec)
-        if isinstance(found, str) or any(
-                n.op == "get_attr" and str(n.target).startswith("_tensor_constant")
-                for n in found.nodes):
-            # raises the full error; or stores the tensor constants torch.fx made on the
-            # module itself, where the code generated from the graph reads them
-            return trace_module(module, spec)
+        if isinstance(found, str):
+            return trace_module(module, spec)  # raises the full error
+        for name, value in self._constants.get(id(found), {}).items():
+            setattr(module, name, value)
         return copy.deepcopy(found)  # torch.fx's own copy: node names and codegen kept
 
 
