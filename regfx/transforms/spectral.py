@@ -18,9 +18,8 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   differentiable torch ops instead, recomputing ``sigma = u^H W v`` from the weight, so that
   second-order gradients are torch's.
 - A model's spectral norms can be prepared together before its training forward
-  (:mod:`regfx.transforms.spectral_engine`): :func:`prepare_foreach` runs every layer's power
-  iteration with one matrix-vector product per layer and half-step and every vector operation
-  as one foreach op over all layers, and leaves each layer a :class:`Prepared` record. A layer's
+  (:mod:`regfx.transforms.spectral_engine`, on CUDA), which leaves each layer a
+  :class:`Prepared` record. A layer's
   forward uses its record only if it was computed from the very tensors the layer holds now
   (the weight, ``_u`` and ``_v`` objects, at the versions they had then); it then copies the new
   ``u``/``v`` into its buffers, so ``u``/``v`` advance exactly when and as often as the layer
@@ -43,7 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-__all__ = ["Member", "Prepared", "SpectralNorm", "collect", "prepare_foreach", "spectral_norm"]
+__all__ = ["Member", "Prepared", "SpectralNorm", "collect", "iterate", "spectral_norm"]
 
 
 def _to_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -140,7 +139,8 @@ class Prepared:
                 and v._version == self.v_version)
 
 
-def _functorch_active() -> bool:
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``...) is running."""
     return bool(torch._C._are_functorch_transforms_active())
 
 
@@ -159,7 +159,7 @@ class SpectralNorm(_SpectralNorm):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight / sigma``; in training mode the power iteration advances first."""
         if (weight.ndim == 1 or not self.training or torch.compiler.is_compiling()
-                or _functorch_active()):
+                or functorch_active()):
             return super().forward(weight)
         prepared = self.prepared
         if prepared is not None:
@@ -266,17 +266,3 @@ def iterate(mats: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Ten
         neg_inv2 = torch._foreach_neg(torch._foreach_mul(inv, inv))
         u_scaled = torch._foreach_mul(new_u, neg_inv2)
     return list(inv), new_u, list(u_scaled), new_v
-
-
-def prepare_foreach(members: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
-    """Run the power iteration of every ``(norm, weight)`` pair with one matrix-vector product
-    per layer and half-step and everything else as foreach ops over all layers, and leave each
-    norm a :class:`Prepared` record for its next forward. All must share ``eps`` and
-    ``n_power_iterations`` and have weights of two or more dimensions."""
-    first = members[0][0]
-    us = [sn._u for sn, _ in members]
-    vs = [sn._v for sn, _ in members]
-    mats = [_to_matrix(w, sn.dim) for sn, w in members]
-    inv, new_u, u_scaled, new_v = iterate(mats, us, vs, first.n_power_iterations, first.eps)
-    for (sn, w), u, v, *fresh in zip(members, us, vs, new_u, new_v, inv, u_scaled, strict=True):
-        sn.prepared = Prepared(w, w._version, u, u._version, v, v._version, *fresh)

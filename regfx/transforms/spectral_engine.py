@@ -1,15 +1,16 @@
 """The spectral-norm engine of a transformed model: one object, held by the model, that prepares
 all of its spectral norms before each training forward.
 
-Two training paths per device class, chosen in one place (:meth:`SpectralEngine.choose`):
+Two training paths, chosen in one place (:meth:`SpectralEngine.choose`):
 
 - per layer: each :class:`~regfx.transforms.spectral.SpectralNorm` iterates in its own forward
-  (any device; also every case the fast path does not cover);
-- the device's fast path, where measurements showed one pays: on CPUs
-  :func:`~regfx.transforms.spectral.prepare_foreach` (one matrix-vector product per layer and
-  half-step, the vector work as foreach ops over all layers); on CUDA
-  :class:`~regfx.transforms.spectral_fused.FusedSpectral` (every layer's power iteration, normalized
-  weight and weight gradient as one step replayed as CUDA graphs).
+  (CPUs and any other device; also every case the fast path does not cover);
+- on CUDA, the fast path :class:`~regfx.transforms.spectral_fused.FusedSpectral` (every layer's
+  power iteration, normalized weight and weight gradient as one step replayed as CUDA graphs).
+
+A CPU fast path (the vector work of all layers as foreach ops) measured no faster than the
+per-layer path on CPUs (docs/performance.md), so there is none. The fused path runs on any device
+when forced (``engine.path``), as the tests do on CPU.
 
 The engine caches only which spectral norms the model has (their parametrization lists). Every
 step it reads the weights and ``u``/``v`` afresh, and each prepared record names the tensors it
@@ -32,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from regfx.distributed import is_dtensor
 from regfx.state import ensure_state, state_of
-from regfx.transforms.spectral import Member, SpectralNorm, collect, prepare_foreach
+from regfx.transforms.spectral import Member, SpectralNorm, collect, functorch_active
 from regfx.transforms.spectral_fused import FusedSpectral, eligible
 
 __all__ = ["Path", "SpectralEngine", "engine_of", "install", "uninstall"]
@@ -42,7 +43,6 @@ class Path(enum.Enum):
     """A spectral-norm training path."""
 
     PER_LAYER = "per-layer"
-    FOREACH = "foreach"  # the CPU fast path
     FUSED = "fused"  # the CUDA fast path
 
 
@@ -84,8 +84,6 @@ class SpectralEngine:
             return Path.PER_LAYER
         if self.path is not None:
             path = self.path
-        elif w0.device.type == "cpu":
-            path = Path.FOREACH
         elif w0.device.type == "cuda":
             path = Path.FUSED
         else:
@@ -98,6 +96,8 @@ class SpectralEngine:
         """Prepare every spectral norm for ``model``'s training forward."""
         if model is not self.root or not model.training:
             return
+        if self.path is None and self.members[0].weight.device.type != "cuda":
+            return  # per layer: no fast path off CUDA (mixed devices are per layer too)
         current = []
         for member in self.members:
             weight = member.weight
@@ -107,10 +107,7 @@ class SpectralEngine:
                     and not is_dtensor(weight):
                 current.append((member.norm, weight))
         path = self.choose(current)
-        if path is Path.FOREACH:
-            with torch.autocast(current[0][1].device.type, enabled=False):
-                prepare_foreach(current)
-        elif path is Path.FUSED:
+        if path is Path.FUSED:
             graphs = current[0][1].is_cuda if self.cuda_graphs is None else self.cuda_graphs
             if (self.fused is None or self.fused.graphs_requested != graphs
                     or not self.fused.current(current)):
@@ -136,8 +133,10 @@ class SpectralEngine:
 
 
 def _before_forward(model: nn.Module, args: Any) -> None:
-    if torch.compiler.is_compiling():
-        return  # each layer runs torch's own code, which dynamo traces in the model's graph
+    if torch.compiler.is_compiling() or functorch_active():
+        # each layer runs torch's own code: dynamo traces it into the model's graph, and under
+        # torch.func the tensors are functorch wrappers (no storage to prepare from)
+        return
     engine = engine_of(model)
     if engine is not None:
         engine.before_forward(model)

@@ -1,6 +1,6 @@
 """regfx's SpectralNorm against torch's parametrizations.spectral_norm: same state, same sigma,
-same u/v, same gradients, on the per-layer path, the CPU fast path (foreach) and the CUDA fast
-path (fused; run eagerly, with recorded graphs, and on CUDA where there is one)."""
+same u/v, same gradients, on the per-layer path (the CPU default) and the CUDA fast path (fused;
+run eagerly on this CPU, with recorded graphs, and on CUDA where there is one)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from regfx.transforms import spectral_engine
-from regfx.transforms.spectral import SpectralNorm, collect, prepare_foreach, spectral_norm
+from regfx.transforms.spectral import SpectralNorm, collect, spectral_norm
 from regfx.transforms.spectral_engine import Path, engine_of
+from regfx.transforms.spectral_fused import FusedSpectral
 
 LAYERS = {
     "linear": lambda: nn.Linear(12, 7),
@@ -122,6 +123,11 @@ def norm_pairs(model: nn.Module) -> list[tuple[SpectralNorm, torch.Tensor]]:
     return [(m.norm, m.weight) for m in collect(model)]
 
 
+def prepare(norms: list[tuple[SpectralNorm, torch.Tensor]]) -> None:
+    """Prepare every norm's next forward on the fused path (eagerly, as it runs without CUDA)."""
+    FusedSpectral(norms, use_graphs=False).run()
+
+
 def force(model: nn.Module, path: str | None) -> None:
     """Make ``model``'s engine take ``path`` (None: the device's default)."""
     engine = engine_of(model)
@@ -132,7 +138,7 @@ def force(model: nn.Module, path: str | None) -> None:
 def test_stale_prepared_record_is_ignored_after_an_update() -> None:
     ours, _ = stacked("linear", 3)
     norms = norm_pairs(ours)
-    prepare_foreach(norms)
+    prepare(norms)
     with torch.no_grad():
         for layer in ours:
             layer.parametrizations.weight.original.add_(0.01)  # an optimizer step in between
@@ -146,8 +152,7 @@ def test_stale_prepared_record_is_ignored_after_an_update() -> None:
         assert torch.equal(a.parametrizations.weight[0]._u, b.parametrizations.weight[0]._u)
 
 
-@pytest.mark.parametrize("path", ["foreach", "fused"])
-def test_installed_engine_prepares_and_leaves_nothing_behind(path: str) -> None:
+def test_installed_engine_prepares_and_leaves_nothing_behind() -> None:
     """A layer the forward does not call keeps its u/v (as torch's); nothing prepared is left."""
     ours, theirs = stacked("linear", 4)
     x = torch.randn(3, 12)
@@ -163,7 +168,7 @@ def test_installed_engine_prepares_and_leaves_nothing_behind(path: str) -> None:
     wrapped = Skip(ours)
     engine = spectral_engine.install(wrapped)
     assert engine is not None and len(engine.members) == 4
-    engine.path = Path(path)
+    engine.path = Path.FUSED
     seen = []
     original = engine.before_forward
 
@@ -205,48 +210,51 @@ def test_install_only_with_several_norms_and_uninstall() -> None:
     assert not single._forward_pre_hooks
 
 
-def test_foreach_step_matches_per_layer_torch() -> None:
-    """The CPU path: one mv per layer, the rest as foreach ops over all layers."""
+def test_prepared_step_matches_per_layer_torch() -> None:
+    """Records prepared for all layers at once (the fused step, run eagerly here)."""
     ours, theirs = stacked("linear", 4)
     norms = norm_pairs(ours)
     x = torch.randn(4, 12)
     for _ in range(3):
-        prepare_foreach(norms)
-        assert all(sn.prepared is not None and sn.prepared.normalized is None for sn, _ in norms)
+        prepare(norms)
+        assert all(sn.prepared is not None for sn, _ in norms)
         (ours(x) ** 2).sum().backward()
+        assert all(sn.prepared is None for sn, _ in norms)  # each layer used its record
         (theirs(x) ** 2).sum().backward()
         assert_layers_match(ours, theirs, "_v")
 
 
-def test_transformed_model_uses_the_cpu_path_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transformed_model_iterates_per_layer_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fast path off CUDA: the engine prepares nothing and each layer iterates itself."""
     import regfx
 
     model = regfx.transform(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
                                           nn.Linear(6, 2)), spectral="linear")
-    assert engine_of(model) is not None
-    seen = []
-    original = spectral_engine.prepare_foreach
-    monkeypatch.setattr(spectral_engine, "prepare_foreach",
-                        lambda norms: (seen.append(len(norms)), original(norms)))
+    engine = engine_of(model)
+    assert engine is not None
+    assert engine.choose(norm_pairs(model)) is Path.PER_LAYER
+    runs = []
+    monkeypatch.setattr(FusedSpectral, "run", lambda self: runs.append(1))
+    calls = []
+    for m in collect(model):
+        m.norm.register_forward_hook(lambda *a: calls.append(1))
     model(torch.randn(2, 6)).sum().backward()
-    assert seen == [3]
-    model.eval()
-    model(torch.randn(2, 6))
-    assert seen == [3]  # nothing prepared in eval mode
+    assert runs == [] and len(calls) == 3
+    assert all(m.norm.prepared is None for m in collect(model))
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "conv_transpose"])
-def test_foreach_step_on_convolutions(kind: str) -> None:
+def test_prepared_step_on_convolutions(kind: str) -> None:
     ours_list, theirs_list = zip(*(pair(kind) for _ in range(3)), strict=True)
     ours, theirs = nn.ModuleList(ours_list), nn.ModuleList(theirs_list)
     norms = norm_pairs(ours)
     assert len(norms) == 3
     x = INPUTS[kind]()
     for _ in range(2):
-        prepare_foreach(norms)
+        prepare(norms)  # one fused step for all three: one backward through them all
+        sum((a(x) ** 2).sum() for a in ours).backward()
+        sum((b(x) ** 2).sum() for b in theirs).backward()
         for a, b in zip(ours, theirs, strict=True):
-            (a(x) ** 2).sum().backward()
-            (b(x) ** 2).sum().backward()
             torch.testing.assert_close(a.parametrizations.weight.original.grad,
                                        b.parametrizations.weight.original.grad,
                                        rtol=1e-4, atol=1e-5)
@@ -498,12 +506,13 @@ def test_dataparallel_replica_iterates_on_its_own_like_torch(path: str | None) -
 
 
 def test_engine_chooses_one_path_per_step() -> None:
-    """The device's fast path where all layers can share it, else each layer on its own."""
+    """The fused path on CUDA (or where forced) when all layers can share it, else each layer on
+    its own."""
     ours, _ = stacked("linear", 3)
     engine = spectral_engine.install(ours)
     assert engine is not None
     current = norm_pairs(ours)
-    assert engine.choose(current) is Path.FOREACH  # CPU
+    assert engine.choose(current) is Path.PER_LAYER  # CPU: no fast path
     assert engine.choose(current[:1]) is Path.PER_LAYER  # nothing to share
     engine.path = Path.FUSED
     assert engine.choose(current) is Path.FUSED

@@ -3,9 +3,8 @@ gradients (a backward differentiated again, ``create_graph=True``) and complex w
 conjugate transpose in the power iteration, ``sigma = u^H W v`` and the backward). Reference:
 ``torch.nn.utils.parametrizations.spectral_norm`` from the same weights and the same ``u``/``v``.
 
-Every path is covered: the per-layer forward (a lone layer, or the model's engine removed),
-``foreach`` (the CPU default of a transformed model) and ``fused`` (the CUDA path, run eagerly
-here). The CUDA-graph replay of the fused path needs a GPU and is not run here; a
+Both paths are covered: per layer (the CPU default of a transformed model) and ``fused`` (the
+CUDA path, run eagerly here). The CUDA-graph replay of the fused path needs a GPU and is not run here; a
 differentiated backward never replays a graph (it runs the differentiable ops eagerly)."""
 
 from __future__ import annotations
@@ -19,11 +18,11 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import regfx
-from regfx.transforms import spectral, spectral_engine, spectral_fused
+from regfx.transforms import spectral, spectral_fused
 from regfx.transforms.spectral import _DivideBySigma, collect
 from regfx.transforms.spectral_engine import Path, engine_of
 
-PATHS = ["per-layer", "foreach", "fused"]
+PATHS = ["per-layer", "fused"]
 
 
 class Net(nn.Module):
@@ -74,9 +73,7 @@ def make_pair(base: nn.Module, path: str, types: str) -> tuple[nn.Module, nn.Mod
     ours.load_state_dict(state)  # same weights, same u/v
     norms = collect(ours)
     assert norms and all(type(m.norm) is spectral.SpectralNorm for m in norms)
-    if path == "per-layer":
-        spectral_engine.uninstall(ours)  # each layer iterates in its own forward
-    elif path != "foreach":  # foreach: the CPU default
+    if path != "per-layer":  # per layer: the CPU default
         engine = engine_of(ours)
         assert engine is not None
         engine.path = Path(path)
@@ -122,7 +119,7 @@ def assert_same_state(ours: nn.Module, theirs: nn.Module, tol: float = 1e-5) -> 
 
 @pytest.mark.parametrize(("make", "types"), [(Net, "linear,conv"),
                                              (lambda: ComplexNet(torch.complex64), "linear")])
-@pytest.mark.parametrize("path", ["foreach", "fused"])
+@pytest.mark.parametrize("path", ["fused"])
 def test_the_models_take_each_path(make: Callable[[], nn.Module], types: str, path: str) -> None:
     """The models below go through each fast path as named: every layer gets a prepared record
     (with the normalized weight itself on the fused path) and uses it."""
@@ -201,7 +198,7 @@ def test_fast_backward_without_create_graph(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(spectral, "differentiable_grad", counting(spectral.differentiable_grad))
     monkeypatch.setattr(spectral_fused, "differentiable_grad", counting(spectral_fused.differentiable_grad))
-    for path in ("per-layer", "foreach", "fused"):
+    for path in PATHS:
         torch.manual_seed(0)
         ours, _ = make_pair(Net(), path, "linear,conv")
         x = torch.randn(3, 2, 6, 6)

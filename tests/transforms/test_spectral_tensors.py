@@ -4,9 +4,10 @@ converted by ``.to()``, copied by ``deepcopy``, replicated for ``DataParallel``,
 ``torch.compile``. Reference: ``torch.nn.utils.parametrizations.spectral_norm`` on the same
 model, from the same weights and ``u``/``v``; float32, 1e-5.
 
-Each test also checks that the fast path was taken where the tensors it prepared from are the
-ones the layers use, and refused where they are not (the numbers alone would also match if the
-fast path never ran)."""
+The model's engine is forced onto the fast path (the CUDA default, run eagerly on this CPU), and
+each test also checks that it was taken where the tensors it prepared from are the ones the
+layers use, and refused where they are not (the numbers alone would also match if the fast path
+never ran)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch.nn.utils import parametrizations
 
 import regfx
 from regfx.transforms import spectral
-from regfx.transforms.spectral_engine import engine_of
+from regfx.transforms.spectral_engine import Path, engine_of
 
 TOL = 1e-5
 
@@ -54,6 +55,9 @@ def make_pair(base: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
     base = base if base is not None else Net()
     theirs = torch_spectral(copy.deepcopy(base))
     ours = regfx.transform(copy.deepcopy(base), spectral="linear,conv")
+    engine = engine_of(ours)
+    assert engine is not None
+    engine.path = Path.FUSED  # the fast path, whose records must follow the tensors
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
@@ -203,6 +207,7 @@ def test_meta_build_to_empty_reinit_then_train(usage: Usage) -> None:
         base = Net()
     theirs = torch_spectral(copy.deepcopy(base))
     ours = regfx.transform(copy.deepcopy(base), spectral="linear,conv")
+    engine_of(ours).path = Path.FUSED  # type: ignore[union-attr]
     x = x_input()
     state = random_state(theirs, 5)
     for model in (ours, theirs):
