@@ -13,6 +13,7 @@ from .conftest import ROOT
 SCRIPTS = {
     "penalty.py": ["regfx l1+l2", "hand-written l1+l2"],
     "spectral.py": ["regfx spectral", "torch spectral_norm", "max relative difference"],
+    "spectral_compile.py": ["regfx spectral (compiled)", "graphs (torch._dynamo.explain)"],
     "dropout.py": ["regfx dropout (train step)", "regfx dropout (eval)"],
     "transform.py": ["regfx.transform + regfx.audit", "growth"],
     "meta_audit.py": ["peak VmHWM", "audit"],
