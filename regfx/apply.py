@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from regfx.distributed import broadcast_power_iteration_vectors, is_sharded
-from regfx.errors import RegfxError, RegfxWarning, SelectionError
+from regfx.errors import CheckpointError, RegfxError, RegfxWarning, SelectionError
 from regfx.graph import ModelGraph
 from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
 from regfx.select import parse_types, select_layers
@@ -33,10 +33,6 @@ CHECKPOINT_FORMAT = "regfx-checkpoint"
 CHECKPOINT_VERSION = 2
 """Version 2 stores the resolved sites (``plan``) beside the recipe; version 1 files still load."""
 _READABLE_VERSIONS = (1, 2)
-
-
-class CheckpointError(RegfxError):
-    """A checkpoint is unreadable, truncated, not a regfx checkpoint, or does not match."""
 
 
 @dataclass

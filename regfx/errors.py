@@ -35,6 +35,14 @@ class BaselineError(RegfxError):
     """A baseline report is unreadable, not JSON, or not a regfx audit report."""
 
 
+class NormError(RegfxError):
+    """A normalization cannot be applied as asked (two on one weight, deprecated hooks...)."""
+
+
+class CheckpointError(RegfxError):
+    """A checkpoint is unreadable, truncated, not a regfx checkpoint, or does not match."""
+
+
 class OutputError(RegfxError):
     """An output path (``-o``) is refused: empty, a folder, an input file, or not writable."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from regfx.trace import TraceCache
 
@@ -51,6 +52,8 @@ class RegfxState:
             buffers), or None.
         norms: the weight/spectral norms regfx registered, by layer name: ``bake`` folds
             these and leaves the user's own parametrizations alone.
+        dropout_hooks: the handles of the forward hooks that run inserted dropout on a layer's
+            output (where the owner's forward is not regenerated); removal goes through them.
         traces: the one-level traces the transform made of the model; auditing the model
             re-traces only the modules the transform edited. Not copied or pickled with the
             model (a copy traces afresh).
@@ -64,9 +67,10 @@ class RegfxState:
     penalty: PenaltyState | None = None
     spectral: SpectralEngine | None = None
     norms: dict[str, NormRecord] = field(default_factory=dict)
+    dropout_hooks: list[RemovableHandle] = field(default_factory=list)
     traces: TraceCache = field(default_factory=TraceCache)
 
-    _COPIED = ("recipe", "sites", "penalty", "spectral", "norms")
+    _COPIED = ("recipe", "sites", "penalty", "spectral", "norms", "dropout_hooks")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RegfxState:
         return RegfxState(**{k: copy.deepcopy(getattr(self, k), memo) for k in self._COPIED})
@@ -78,6 +82,7 @@ class RegfxState:
         for k in self._COPIED:
             setattr(self, k, data.get(k))
         self.norms = self.norms or {}
+        self.dropout_hooks = self.dropout_hooks or []
         self.traces = TraceCache()
 
 

@@ -148,3 +148,41 @@ def test_bake_folds_the_norms_the_state_records_and_keeps_the_users_own() -> Non
     assert not parametrize.is_parametrized(baked.blocks[0].fc)
     assert parametrize.is_parametrized(baked.head)
     assert list(baked.state_dict()) == list(model.state_dict())
+
+
+class Branchy(nn.Module):
+    """A forward that does not trace (it branches on a value): dropout runs from hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        if h.sum() > -1:  # data-dependent: torch.fx cannot trace this
+            h = torch.relu(self.fc2(h))
+        return self.head(h)
+
+
+def _hooked_layers(model: nn.Module) -> list[str]:
+    from regfx.transforms.dropout import dropout_output_hook
+
+    return [name for name, mod in model.named_modules()
+            if any(h is dropout_output_hook for h in mod._forward_hooks.values())]
+
+
+def test_dropout_hooks_are_removed_through_the_handles_the_state_keeps() -> None:
+    model = regfx.transform(Branchy(), dropout=0.5, example_inputs=torch.randn(3, 4))
+    state = state_of(model)
+    hooked = _hooked_layers(model)
+    assert hooked and len(state.dropout_hooks) == len(hooked)
+    clone = copy.deepcopy(model)
+    assert _hooked_layers(clone) == hooked
+    baked = regfx.bake(clone)  # removes the copy's hooks through the copy's handles
+    assert _hooked_layers(baked) == []
+    assert _hooked_layers(clone) == hooked and _hooked_layers(model) == hooked
+    regfx.transform(model, dropout=0.2, inplace=True)  # another recipe: the old hooks go
+    assert len(_hooked_layers(model)) == len(hooked)
+    assert len(state_of(model).dropout_hooks) == len(hooked)

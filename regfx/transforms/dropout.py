@@ -29,6 +29,7 @@ from torch import nn
 from regfx.errors import RegfxError, RegfxWarning
 from regfx.graph import ModelGraph, is_dropout_module
 from regfx.select import is_inserted_path, is_linear_like, select_layers
+from regfx.state import ensure_state, state_of
 from regfx.trace import TraceCache, shared_fx_patches, trace_signature
 
 __all__ = ["DropoutSite", "plan_dropout", "apply_dropout", "make_dropout", "remove_dropout",
@@ -518,7 +519,8 @@ def apply_dropout(model: nn.Module, sites: list[DropoutSite],
         if site.attr not in layer._modules:
             layer.add_module(site.attr, make_dropout(site.module_cls, site.p))
         if site.mode == "hook":
-            layer.register_forward_hook(dropout_output_hook)
+            ensure_state(model).dropout_hooks.append(
+                layer.register_forward_hook(dropout_output_hook))
         else:
             by_owner.setdefault(site.owner or "", {}).setdefault(site.spec, []).append(site)
     with shared_fx_patches():
@@ -581,10 +583,14 @@ def restore_classes(model: nn.Module) -> None:
 
 
 def remove_dropout(model: nn.Module) -> None:
-    """Remove every regfx-inserted dropout module and hook (mutates ``model``)."""
+    """Remove every regfx-inserted dropout module and hook (mutates ``model``); the hooks go
+    through the handles the model's state keeps."""
+    state = state_of(model)
+    if state is not None:
+        for handle in state.dropout_hooks:
+            handle.remove()
+        state.dropout_hooks.clear()
     restore_classes(model)
     for mod in model.modules():
-        for key in [k for k, h in mod._forward_hooks.items() if h is dropout_output_hook]:
-            del mod._forward_hooks[key]
         for child in [n for n in mod._modules if n.startswith("regfx_dropout")]:
             del mod._modules[child]

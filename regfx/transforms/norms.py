@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, weight_norm
 
-from regfx.errors import RegfxError
+from regfx.errors import NormError
 from regfx.select import is_linear_like, select_layers
 from regfx.state import NormRecord, ensure_state, state_of
 from regfx.transforms import spectral_engine
@@ -23,10 +23,6 @@ from regfx.transforms.spectral import spectral_norm
 
 __all__ = ["NormSite", "NormError", "ZERO_WEIGHT", "plan_norms", "zero_weight_reason", "apply_norms",
            "fold_norms", "norm_kind_of", "output_dim"]
-
-
-class NormError(RegfxError):
-    """A normalization cannot be applied as asked (two on one weight, deprecated hooks...)."""
 
 
 @dataclass(frozen=True)
