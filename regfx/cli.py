@@ -148,14 +148,12 @@ def show(model_spec: str, fmt: str, depth: int | None, output: str | None,
     """
     from regfx.load import load_model
     from regfx.render.show import render_show
-    from regfx.trace import trace
 
     if output is not None:
         _check_writable(output, _input_files([model_spec]))
     with _model_code(model_spec, timeout):
         loaded = load_model(model_spec)
-        graph = trace(loaded.model, loaded.inputs())
-        _check_inputs_fit(loaded, graph)
+        graph = _trace_loaded(loaded)
         text = render_show(loaded.model, graph, fmt, depth)
     _emit(text, output)
 
@@ -204,7 +202,6 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
     from regfx.load import load_model
     from regfx.recipe import NOT_GIVEN, resolve_recipe
     from regfx.render.plan import render_plan
-    from regfx.trace import trace
 
     # click gives None (and () for repeatable flags) for a flag not on the command line
     recipe = resolve_recipe(_config_recipe(model_spec, recipe_file), **{
@@ -216,8 +213,7 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
         _require_parameters(loaded.model, model_spec, "regularize")
         graph = None
         if recipe.dropout:
-            graph = trace(loaded.model, loaded.inputs())
-            _check_inputs_fit(loaded, graph)
+            graph = _trace_loaded(loaded)
         the_plan = regfx.plan(loaded.model, recipe, graph=graph, example_inputs=loaded.inputs())
         for message in the_plan.warnings:
             click.echo(f"regfx: warning: {message}", err=True)
@@ -290,8 +286,7 @@ def audit(model_specs: tuple[str, ...], fmt: str, output: str | None, policy_fil
                 _require_parameters(loaded.model, spec, "audit")
                 optimizer = loaded.build_optimizer()
                 report = regfx.audit(loaded.model, optimizer, policy=policy,
-                                     example_inputs=loaded.inputs())
-                _check_inputs_fit(loaded, report.graph)
+                                     graph=_trace_loaded(loaded))
             report.source = spec
             base = None
             if baselines is not None and baseline is not None:
@@ -435,6 +430,18 @@ def _model_code(spec: str, timeout: float | None) -> Iterator[None]:
             raise model_code_error(exc, f"the model code of {spec}",
                                    "model code must return or raise an Exception, not exit") \
                 from None
+
+
+def _trace_loaded(loaded: Any) -> Any:
+    """The graph of a loaded model. The file's own ``example_inputs()`` always run the forward
+    once (they are checked, and the graph is the observed dataflow); synthesized inputs only
+    where some forward does not trace."""
+    from regfx.trace import trace
+
+    own = loaded.example_inputs is not None
+    graph = trace(loaded.model, loaded.inputs(), observe_forward=True if own else "auto")
+    _check_inputs_fit(loaded, graph)
+    return graph
 
 
 def _check_inputs_fit(loaded: Any, graph: Any) -> None:

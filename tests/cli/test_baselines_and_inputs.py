@@ -81,11 +81,20 @@ def example_inputs():
 '''
 
 
+TRACEABLE_BAD_INPUTS = BAD_INPUTS.replace(
+    "        if x.sum() > 0:  # data-dependent: the example forward is needed\n"
+    "            x = x * 2\n", "")
+
+
+@pytest.mark.parametrize("source", [BAD_INPUTS, TRACEABLE_BAD_INPUTS],
+                         ids=["untraceable", "traceable"])
 @pytest.mark.parametrize("argv", [["audit"], ["show"], ["apply", "--dropout", "0.1"]])
-def test_example_inputs_that_do_not_fit(tmp_path: Path, argv: list[str],
+def test_example_inputs_that_do_not_fit(tmp_path: Path, argv: list[str], source: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Also where every forward traces: the file's own inputs always run the forward once."""
+    assert "x.sum()" not in TRACEABLE_BAD_INPUTS
     model = tmp_path / "branchy.py"
-    model.write_text(BAD_INPUTS)
+    model.write_text(source)
     code, out, err = run_main([argv[0], str(model), *argv[1:]], capsys)
     assert code == 2 and out == ""
     assert err.splitlines() == [

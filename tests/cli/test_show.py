@@ -16,8 +16,10 @@ def test_show_text_every_fixture(name: str) -> None:
         assert "Inputs: " in out and "example_inputs() of" in out
         assert "Observed modules" in out and "Opaque modules" not in out
         assert "no opaque region" in out
-    else:  # every forward traces: the symbolic graph is exact, nothing needs to run
-        assert "Example forward: not run (not needed: every forward traced symbolically)" in out
+    else:  # every forward traces; the file's own inputs still run once (they are checked)
+        assert "fully traced" in out
+        assert "Inputs: " in out and "example_inputs() of" in out
+        assert "Observed modules" not in out and "Opaque modules" not in out
 
 
 @pytest.mark.parametrize("fmt", ["json", "mermaid", "dot"])
@@ -100,3 +102,13 @@ def test_unwritable_output_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main(["show", str(fixture_path("mlp")), "--format", "xml"], capsys)
     assert code == 2 and "xml" in err
+
+
+def test_show_runs_no_forward_for_a_traceable_model_without_example_inputs(tmp_path: Path) -> None:
+    model = tmp_path / "mlp.py"
+    model.write_text("from torch import nn\n\n"
+                     "def build_model():\n"
+                     "    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n")
+    code, out, _ = run("show", str(model))
+    assert code == 0
+    assert "Example forward: not run (not needed: every forward traced symbolically)" in out
