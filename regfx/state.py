@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from regfx.trace import TraceCache
-
-if TYPE_CHECKING:
-    from regfx.transforms.penalty import PenaltyState
-    from regfx.transforms.spectral_engine import SpectralEngine
 
 
 @dataclass
@@ -64,8 +60,9 @@ class RegfxState:
 
     recipe: dict[str, Any] | None = None
     sites: dict[str, Any] | None = None
-    penalty: PenaltyState | None = None
-    spectral: SpectralEngine | None = None
+    # typed loosely: the transforms that own these import this module, not the other way round
+    penalty: Any = None  # regfx.transforms.penalty.PenaltyState | None
+    spectral: Any = None  # regfx.transforms.spectral_engine.SpectralEngine | None
     norms: dict[str, NormRecord] = field(default_factory=dict)
     dropout_hooks: list[RemovableHandle] = field(default_factory=list)
     traces: TraceCache = field(default_factory=TraceCache)

@@ -1,5 +1,5 @@
-"""regfx's modules import downward only: no import cycle, function-level imports included
-(imports under ``if TYPE_CHECKING:`` are for annotations and never run)."""
+"""regfx's modules import downward only: no import cycle, function-level imports and imports
+for annotations (``if TYPE_CHECKING:``) included."""
 
 import ast
 from collections import defaultdict
@@ -19,13 +19,7 @@ def _imports() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     edges: dict[str, set[str]] = defaultdict(set)
     for name, path in modules.items():
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for node in ast.walk(tree)
-                       if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test)
-                       for n in ast.walk(node)}
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("regfx"):
                 targets += [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -27,8 +27,21 @@ from regfx.audit.inspect import (
 )
 from regfx.select import is_norm, matches, parse_types
 
-if TYPE_CHECKING:
-    from regfx.audit.policy import Policy
+
+class PolicyView(Protocol):
+    """What the rules read of a policy. :class:`regfx.audit.policy.Policy` satisfies it; the
+    rules do not import the policy module, which imports the rule table to check codes."""
+
+    @property
+    def min_coverage(self) -> float | None: ...
+    @property
+    def select(self) -> tuple[str, ...]: ...
+    @property
+    def ignore(self) -> tuple[str, ...]: ...
+    @property
+    def require(self) -> dict[str, tuple[str, ...]]: ...
+    @property
+    def per_module_ignores(self) -> dict[str, tuple[str, ...]]: ...
 
 __all__ = ["Rule", "Finding", "RULES", "RULES_BY_CODE", "SEVERITIES", "run_rules"]
 
@@ -59,7 +72,7 @@ class Rule:
     code: str
     name: str
     severity: str
-    check: Callable[[Inspection, Policy], Iterator[Finding]]
+    check: Callable[[Inspection, PolicyView], Iterator[Finding]]
 
     @property
     def doc(self) -> str:
@@ -99,7 +112,7 @@ _FEEDS_THROUGH = frozenset({"activation", "reshape", "dropout"})
 # -- RFX0xx: tracing --------------------------------------------------------------------------
 
 
-def opaque_modules(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def opaque_modules(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Some forwards did not trace, so dropout inside them is placed and found approximately.
 
     Anti-pattern: none in the model itself; torch.fx could not trace these forwards
@@ -127,7 +140,7 @@ def opaque_modules(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
 # -- RFX1xx: dropout --------------------------------------------------------------------------
 
 
-def dropout_before_batchnorm(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def dropout_before_batchnorm(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Dropout feeds a BatchNorm layer.
 
     Anti-pattern: ``Dropout -> BatchNorm``. Dropout changes the variance of its output between
@@ -157,7 +170,7 @@ def dropout_before_batchnorm(ctx: Inspection, policy: Policy) -> Iterator[Findin
                        "BatchNorm and its activation", ctx, data.get("module"))
 
 
-def element_dropout_on_conv(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def element_dropout_on_conv(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Element-wise dropout on a convolution's feature maps.
 
     Anti-pattern: ``nn.Dropout`` (or ``F.dropout``) on the output of a ``Conv2d``. Neighbouring
@@ -180,7 +193,7 @@ def element_dropout_on_conv(ctx: Inspection, policy: Policy) -> Iterator[Finding
                            "channels", ctx, use.module)
 
 
-def dropout_after_output(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def dropout_after_output(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Dropout after the output layer.
 
     Anti-pattern: dropout applied to the logits (or other final output) of the model. It
@@ -198,7 +211,7 @@ def dropout_after_output(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                            ctx, use.module)
 
 
-def dropout_zero(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def dropout_zero(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Dropout with p = 0 does nothing.
 
     Anti-pattern: a dropout module or call whose probability is 0 (often a config left at its
@@ -212,7 +225,7 @@ def dropout_zero(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                            "remove it", ctx, use.module)
 
 
-def dropout_too_high(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def dropout_too_high(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Dropout with p >= 0.9 destroys most of the signal.
 
     Anti-pattern: ``nn.Dropout(0.9)`` or higher, often a keep probability (TensorFlow 1
@@ -235,7 +248,7 @@ def _is_norm_or_bias(ctx: Inspection, rec: Any) -> bool:
     return rec.is_bias or (mod is not None and is_norm(mod))
 
 
-def decay_on_norm_or_bias(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def decay_on_norm_or_bias(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Weight decay or a penalty on a norm parameter or a bias.
 
     Anti-pattern: one optimizer group with ``weight_decay`` over ``model.parameters()``, or an
@@ -255,7 +268,7 @@ def decay_on_norm_or_bias(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                            "optimizer group with weight_decay=0", ctx, rec.module)
 
 
-def coupled_decay_adaptive(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def coupled_decay_adaptive(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """L2 (coupled weight decay or an L2 penalty) with an adaptive optimizer such as Adam.
 
     Anti-pattern: ``Adam(params, weight_decay=...)``, or an L2 penalty with Adam. Adam divides
@@ -279,7 +292,7 @@ def coupled_decay_adaptive(ctx: Inspection, policy: Policy) -> Iterator[Finding]
                        f"{info.type}; use AdamW's weight_decay instead of l2", ctx)
 
 
-def penalty_and_decay(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def penalty_and_decay(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """A parameter gets both an L1/L2 penalty and the optimizer's weight decay.
 
     Anti-pattern: ``regfx.transform(model, l2=...)`` (or a hand-written penalty) and an optimizer
@@ -296,7 +309,7 @@ def penalty_and_decay(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                            ctx, rec.module)
 
 
-def missing_from_optimizer(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def missing_from_optimizer(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """A trainable parameter is not in the optimizer.
 
     Anti-pattern: the optimizer was built before layers were added or replaced (for example
@@ -316,7 +329,7 @@ def missing_from_optimizer(ctx: Inspection, policy: Policy) -> Iterator[Finding]
 # -- RFX3xx: normalization --------------------------------------------------------------------
 
 
-def two_normalizations(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def two_normalizations(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Two normalizations on one weight.
 
     Anti-pattern: ``spectral_norm(weight_norm(layer))`` or a parametrization on top of a
@@ -332,7 +345,7 @@ def two_normalizations(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                            ctx, rec.module)
 
 
-def deprecated_norm_hook(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def deprecated_norm_hook(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Hook-based ``torch.nn.utils.weight_norm``/``spectral_norm`` (deprecated).
 
     Anti-pattern: ``torch.nn.utils.weight_norm(layer)`` or ``torch.nn.utils.spectral_norm(layer)``.
@@ -349,7 +362,7 @@ def deprecated_norm_hook(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
                                f"torch.nn.utils.parametrizations.{r['kind']}", ctx, rec.module)
 
 
-def tied_partially_normalized(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def tied_partially_normalized(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """A tied weight is normalized under one of its names only.
 
     Anti-pattern: an embedding tied to the output layer (``lm_head.weight is embed.weight``)
@@ -370,7 +383,7 @@ def tied_partially_normalized(ctx: Inspection, policy: Policy) -> Iterator[Findi
 # -- RFX4xx: coverage -------------------------------------------------------------------------
 
 
-def unregularized_weight(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def unregularized_weight(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """A linear or convolution weight has no regularization at all.
 
     Anti-pattern: a trainable weight matrix with no dropout after its layer, no normalization,
@@ -388,7 +401,7 @@ def unregularized_weight(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
 # -- RFX5xx: policy ---------------------------------------------------------------------------
 
 
-def required_regularizer(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def required_regularizer(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """A weight lacks a regularizer that the policy requires for its layer type.
 
     Anti-pattern: the policy's ``require`` table says, for example, that every ``linear`` weight
@@ -431,7 +444,7 @@ def summarize(records: list[ParamRecord]) -> dict[str, Any]:
     }
 
 
-def coverage_below_minimum(ctx: Inspection, policy: Policy) -> Iterator[Finding]:
+def coverage_below_minimum(ctx: Inspection, policy: PolicyView) -> Iterator[Finding]:
     """Regularized share of trainable parameters is below the policy's ``min_coverage``.
 
     Anti-pattern: large parts of the model train without any regularization, for example after
@@ -468,7 +481,7 @@ RULES: tuple[Rule, ...] = (
 RULES_BY_CODE = {r.code: r for r in RULES}
 
 
-def _ignored(finding: Finding, policy: Policy) -> bool:
+def _ignored(finding: Finding, policy: PolicyView) -> bool:
     for pattern, codes in policy.per_module_ignores.items():
         if fnmatch.fnmatchcase(finding.target, pattern) or \
                 fnmatch.fnmatchcase(finding.target.rsplit(".", 1)[0], pattern):
@@ -477,7 +490,7 @@ def _ignored(finding: Finding, policy: Policy) -> bool:
     return False
 
 
-def active_rules(policy: Policy) -> list[Rule]:
+def active_rules(policy: PolicyView) -> list[Rule]:
     """The rules ``policy``'s ``select``/``ignore`` leave on (codes or code prefixes)."""
     out = []
     for rule in RULES:
@@ -489,7 +502,7 @@ def active_rules(policy: Policy) -> list[Rule]:
     return out
 
 
-def run_rules(inspection: Inspection, policy: Policy) -> list[Finding]:
+def run_rules(inspection: Inspection, policy: PolicyView) -> list[Finding]:
     """Every finding of the active rules, minus per-module ignores, in a stable order."""
     found: set[Finding] = set()
     for rule in active_rules(policy):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-__all__ = ["regularizer_label", "shape_label"]
+__all__ = ["regularizer_label", "shape_label", "ReportView", "GateView"]
 
 
 def regularizer_label(r: dict[str, Any]) -> str:
@@ -33,3 +34,34 @@ def regularizer_label(r: dict[str, Any]) -> str:
 def shape_label(shape: list[int]) -> str:
     """``64x3x3x3`` (``scalar`` for a 0-d parameter)."""
     return "x".join(str(s) for s in shape) if shape else "scalar"
+
+
+class ReportView(Protocol):
+    """What the text and markdown renderers read of a report. :class:`regfx.AuditReport`
+    satisfies it; the renderers do not import the audit package, which imports them."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def params(self) -> Sequence[Any]: ...
+    @property
+    def findings(self) -> Sequence[Any]: ...
+    @property
+    def optimizer(self) -> Any: ...
+    @property
+    def opaque(self) -> Mapping[str, str]: ...
+    @property
+    def graph(self) -> Any: ...
+    @property
+    def source(self) -> str | None: ...
+    @property
+    def summary(self) -> dict[str, Any]: ...
+
+
+class GateView(Protocol):
+    """A pass/fail verdict as the renderers read it (:class:`regfx.audit.report.Gate`)."""
+
+    @property
+    def passed(self) -> bool: ...
+    @property
+    def reasons(self) -> tuple[str, ...]: ...

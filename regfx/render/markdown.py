@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from regfx.render.common import regularizer_label, shape_label
-
-if TYPE_CHECKING:
-    from regfx.audit.report import AuditReport, Gate
+from regfx.render.common import GateView, ReportView, regularizer_label, shape_label
 
 __all__ = ["render_markdown", "MAX_DIAGRAM_NODES"]
 
@@ -19,7 +14,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def diagram(report: AuditReport) -> str | None:
+def diagram(report: ReportView) -> str | None:
     """A Mermaid flowchart of the layer graph, regularized layers marked, or None.
 
     Deep models are grouped by module prefix until at most :data:`MAX_DIAGRAM_NODES` boxes
@@ -44,7 +39,7 @@ def diagram(report: AuditReport) -> str | None:
     return _mermaid(lg, marked)
 
 
-def render_markdown(report: AuditReport, gate: Gate | None = None, params: bool = True) -> str:
+def render_markdown(report: ReportView, gate: GateView | None = None, params: bool = True) -> str:
     """Markdown: a summary table, findings, a Mermaid diagram and (folded) the parameter table."""
     s = report.summary
     title = f"regfx audit: {report.model}" + (f" (`{report.source}`)" if report.source else "")

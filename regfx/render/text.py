@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from regfx.render.common import regularizer_label, shape_label
-
-if TYPE_CHECKING:
-    from regfx.audit.report import AuditReport, Gate
+from regfx.render.common import GateView, ReportView, regularizer_label, shape_label
 
 __all__ = ["render_text"]
 
@@ -18,7 +13,7 @@ def _paint(text: str, what: str, color: bool) -> str:
     return f"\033[{_COLORS[what]}m{text}\033[0m" if color else text
 
 
-def render_text(report: AuditReport, color: bool = False, gate: Gate | None = None) -> str:
+def render_text(report: ReportView, color: bool = False, gate: GateView | None = None) -> str:
     """The report as a parameter table and a findings list.
 
     Args:
