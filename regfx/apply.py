@@ -282,11 +282,15 @@ def _strip(model: nn.Module, previous: Recipe, new: Recipe) -> None:
     remove_dropout(model)
     remove_penalty(model)
     norm_fields = ("spectral", "weight_norm", "n_power_iterations", "include", "exclude")
+    state = state_of(model)
     if any(getattr(previous, f) != getattr(new, f) for f in norm_fields):
         fold_norms(model)
-    state = state_of(model)
-    if state is not None:  # norms kept stay in it (bake folds them later)
-        state.recipe = state.sites = None
+        kept: list[Any] = []
+    else:  # the norms stay: their sites stay in the state (checkpoints store them)
+        kept = list((state.sites or {}).get("norms") or []) if state is not None else []
+    if state is not None:
+        state.recipe = None
+        state.sites = {"norms": kept} if kept else None
         state.traces = TraceCache()
 
 
@@ -303,8 +307,12 @@ def apply_plan(model: nn.Module, result: Plan, traces: TraceCache | None = None)
     if result.penalty is not None:
         apply_penalty(model, result.penalty)
     broadcast_power_iteration_vectors(model)  # same spectral-norm u/v on every rank
+    kept = (state.sites or {}).get("norms") or []  # norms a re-transform kept
     state.recipe = result.recipe.to_dict()
     state.sites = result.sites_dict()
+    if kept:
+        state.sites["norms"] = list(kept) + list(state.sites.get("norms") or [])
+    traces.keep_reusable()
     state.traces = traces
 
 
@@ -322,10 +330,15 @@ def bake(model: nn.Module) -> nn.Module:
     """
     _check_model(model)
     out = copy.deepcopy(model)
-    remove_dropout(out)
-    fold_norms(out)
-    remove_penalty(out)
-    drop_state(out)
+    # the model itself, and any submodule transformed on its own (a transformed block put into
+    # a larger model): each holds the state of what regfx applied to it
+    holders = [m for m in out.modules() if state_of(m) is not None] or [out]
+    for holder in holders:
+        remove_dropout(holder)
+        fold_norms(holder)
+        remove_penalty(holder)
+        drop_state(holder)
+    remove_dropout(out)  # inserted modules and classes outside every holder's state
     return out
 
 

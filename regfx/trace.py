@@ -31,6 +31,7 @@ import copy
 import inspect
 import math
 import operator
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -297,6 +298,18 @@ def _reaches_into_children(graph: fx.Graph) -> bool:
     return False
 
 
+_IMMUTABLE_BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+
+
+def _mutable_parts(key: Any) -> bool:
+    """Whether a cache key compares, by identity, an object that can change in place."""
+    if isinstance(key, _Same):
+        return not isinstance(key.obj, _IMMUTABLE_BY_IDENTITY)
+    if isinstance(key, tuple):
+        return any(_mutable_parts(k) for k in key)
+    return False
+
+
 class TraceCache:
     """One-level symbolic traces, keyed by :func:`trace_signature` and call-site specialization.
 
@@ -342,6 +355,21 @@ class TraceCache:
                 if not _reaches_into_children(found):
                     self._blind[coarse] = found
         return found
+
+    def keep_reusable(self) -> None:
+        """Drop what may not describe the model later: entries whose key compares an object
+        that can change in place (a config object, a dict, a tensor) by identity, and graphs
+        holding tensor constants. What stays is keyed by values, classes and functions only;
+        the transform calls this before handing its cache to the model's state, so a later
+        audit never reads a graph the model's own objects have since made stale, and the cache
+        keeps none of them alive."""
+        def reusable(key: tuple[Any, ...], graph: fx.Graph | str) -> bool:
+            return isinstance(graph, fx.Graph) and id(graph) not in self._constants \
+                and not _mutable_parts(key)
+
+        self._graphs = {k: g for k, g in self._graphs.items() if reusable(k, g)}
+        self._blind = {k: g for k, g in self._blind.items() if reusable(k, g)}
+        self._constants = {}
 
     def editable(self, module: nn.Module, spec: Spec = ()) -> fx.Graph:
         """A fresh copy of ``module``'s one-level graph under ``spec``, to edit.

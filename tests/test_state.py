@@ -3,6 +3,7 @@
 import copy
 import pickle
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,72 @@ def test_dropout_hooks_are_removed_through_the_handles_the_state_keeps() -> None
     regfx.transform(model, dropout=0.2, inplace=True)  # another recipe: the old hooks go
     assert len(_hooked_layers(model)) == len(hooked)
     assert len(state_of(model).dropout_hooks) == len(hooked)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_bake_of_a_model_holding_a_transformed_block_removes_everything() -> None:
+    from torch.nn.utils import parametrize
+
+    full = nn.Sequential(_mlp(), nn.Linear(2, 2))
+    full[0] = regfx.transform(full[0], spectral="linear", l2=0.5)
+    plain_keys = list(nn.Sequential(_mlp(), nn.Linear(2, 2)).state_dict())
+    baked = regfx.bake(full)
+    assert not any(parametrize.is_parametrized(m) for m in baked.modules())
+    assert all(state_of(m) is None for m in baked.modules())
+    assert list(baked.state_dict()) == plain_keys
+    opt = torch.optim.SGD(baked.parameters(), lr=0.1)
+    baked(torch.randn(3, 4)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in baked.named_parameters()}
+    opt.step()  # no penalty hook left: the step sees the loss's gradients only
+    assert all(torch.equal(p.grad, grads[n]) for n, p in baked.named_parameters())
+
+
+class _Gated(nn.Module):
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        if self.config.use_dropout:  # type: ignore[attr-defined]
+            x = self.drop(x)
+        return x
+
+
+def test_the_audit_sees_an_in_place_change_made_after_the_transform() -> None:
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(use_dropout=False)
+    model = nn.Sequential(_Gated(config), _Gated(config), nn.Linear(4, 2))
+    out = regfx.transform(model, dropout=0.1, exclude=["0.*", "1.*"])  # blocks not edited
+    assert not any("_regfx_base" in type(m).__dict__ for m in out.modules())
+    out[0].config.use_dropout = True  # the same object, changed in place
+    assert regfx.audit(out).to_dict() == regfx.audit(copy.deepcopy(out)).to_dict()
+    graph = regfx.trace(out, cache=state_of(out).traces)
+    assert graph.nx.nodes["0.drop#0"]["called"] is not False
+
+
+def test_a_folded_norm_is_forgotten_and_the_users_later_norm_survives_bake() -> None:
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = regfx.transform(_mlp(), spectral="linear")
+    model = regfx.transform(model, l2=1e-3, inplace=True)  # another norm recipe: folded
+    assert state_of(model).norms == {}
+    weight_norm(model[0])  # the user's own, after the transform
+    assert parametrize.is_parametrized(regfx.bake(model)[0])
+
+
+def test_norms_a_re_transform_keeps_stay_in_its_sites_and_checkpoint(tmp_path: Path) -> None:
+    first = regfx.transform(_mlp(), spectral="linear", dropout=0.1)
+    again = regfx.transform(first, spectral="linear", dropout=0.3)  # norms kept, dropout new
+    assert [n["layer"] for n in state_of(again).sites["norms"]] == ["0", "2", "4"]
+    regfx.save_checkpoint(again, tmp_path / "ck.pt")
+    loaded = regfx.load_checkpoint(_mlp(), tmp_path / "ck.pt")
+    assert loaded.state_dict().keys() == again.state_dict().keys()

@@ -233,6 +233,7 @@ def fold_norms(model: nn.Module) -> None:
         mod._parameters.pop("weight", None)
         mod._buffers.pop("weight", None)
         mod._parameters["weight"] = folded[key]
+        records.pop(name, None)  # folded: no longer regfx's to fold
         order = record.param_order
         if order:
             mod._parameters = type(mod._parameters)(
