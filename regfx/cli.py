@@ -214,6 +214,8 @@ def apply(model_spec: str, recipe_file: str | None, output: str | None, fmt: str
         graph = None
         if recipe.dropout:
             graph = _trace_loaded(loaded)
+        else:
+            _check_own_inputs(loaded)
         the_plan = regfx.plan(loaded.model, recipe, graph=graph, example_inputs=loaded.inputs())
         for message in the_plan.warnings:
             click.echo(f"regfx: warning: {message}", err=True)
@@ -433,15 +435,30 @@ def _model_code(spec: str, timeout: float | None) -> Iterator[None]:
 
 
 def _trace_loaded(loaded: Any) -> Any:
-    """The graph of a loaded model. The file's own ``example_inputs()`` always run the forward
-    once (they are checked, and the graph is the observed dataflow); synthesized inputs only
-    where some forward does not trace."""
+    """The graph of a loaded model, as the library traces it (the example forward only where
+    some forward does not trace); the file's own ``example_inputs()`` are checked to fit."""
     from regfx.trace import trace
 
-    own = loaded.example_inputs is not None
-    graph = trace(loaded.model, loaded.inputs(), observe_forward=True if own else "auto")
+    graph = trace(loaded.model, loaded.inputs())
     _check_inputs_fit(loaded, graph)
+    _check_own_inputs(loaded, graph)
     return graph
+
+
+def _check_own_inputs(loaded: Any, graph: Any = None) -> None:
+    """The file's own ``example_inputs()`` must run the forward: run it once where tracing did
+    not (a model whose every forward traces), without letting it change the graph."""
+    from regfx.load import inputs_do_not_fit
+    from regfx.trace import run_example
+
+    if loaded.example_inputs is None:
+        return
+    if graph is not None and graph.observe_error is None:
+        return  # the forward ran on them while tracing
+    error = run_example(loaded.model, loaded.inputs())
+    failed = "the forward failed on the example inputs: "
+    if error is not None and error.startswith(failed):
+        raise inputs_do_not_fit(loaded.model, error[len(failed):])
 
 
 def _check_inputs_fit(loaded: Any, graph: Any) -> None:

@@ -953,6 +953,14 @@ def trace(model: nn.Module, example_inputs: Any = None, *,
     )
 
 
+def run_example(model: nn.Module, example_inputs: Any) -> str | None:
+    """Run ``model`` once, in eval mode under ``no_grad``, on ``example_inputs``, leaving it as
+    it was (as :func:`trace` does); why it did not run (one line), or None when it ran."""
+    with preserved(model):
+        error, _, _ = _observe(model, example_inputs)
+    return error
+
+
 def _observe(model: nn.Module, example_inputs: Any
              ) -> tuple[str | None, ExampleInputs | None, Observation | None]:
     """Run the example forward: ``(why it did not run, the inputs, the record)``."""

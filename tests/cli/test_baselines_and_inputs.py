@@ -88,10 +88,12 @@ TRACEABLE_BAD_INPUTS = BAD_INPUTS.replace(
 
 @pytest.mark.parametrize("source", [BAD_INPUTS, TRACEABLE_BAD_INPUTS],
                          ids=["untraceable", "traceable"])
-@pytest.mark.parametrize("argv", [["audit"], ["show"], ["apply", "--dropout", "0.1"]])
+@pytest.mark.parametrize("argv", [["audit"], ["show"], ["apply", "--dropout", "0.1"],
+                                  ["apply", "--l2", "1e-3"]])
 def test_example_inputs_that_do_not_fit(tmp_path: Path, argv: list[str], source: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """Also where every forward traces: the file's own inputs always run the forward once."""
+    """Also where every forward traces, and where nothing needs a trace (only a penalty): the
+    file's own inputs always run the forward once."""
     assert "x.sum()" not in TRACEABLE_BAD_INPUTS
     model = tmp_path / "branchy.py"
     model.write_text(source)
@@ -108,3 +110,46 @@ def test_baseline_json_from_a_list_keeps_its_sources(models: list[str], tmp_path
     base = tmp_path / "base.json"
     run_main(["audit", *models, "--format", "json", "-o", str(base)], capsys)
     assert [r["source"] for r in json.loads(base.read_text())] == models
+
+
+CONSTANT_ARGUMENT = '''
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, scale=1.0):
+        return self.head(torch.relu(self.mid(torch.relu(self.fc(x)))) * scale)
+
+def build_model():
+    return Net()
+
+def example_inputs():
+    return {"x": torch.randn(2, 4), "scale": 2.0}
+'''
+
+
+def test_checking_the_files_inputs_does_not_change_the_placement(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Where every forward traces, the example inputs are only checked: the sites are planned
+    for the forward's defaults, as the library plans them, not for the inputs' constants."""
+    import torch
+
+    import regfx
+    from regfx.load import load_model
+
+    model = tmp_path / "net.py"
+    model.write_text(CONSTANT_ARGUMENT)
+    ckpt = tmp_path / "net.pt"
+    code, _, err = run_main(["apply", str(model), "--dropout", "0.1", "-o", str(ckpt)], capsys)
+    assert code == 0, err
+    stored = torch.load(ckpt, weights_only=True)["plan"]["dropout"]
+    loaded = load_model(str(model))
+    library = regfx.plan(loaded.model, dropout=0.1, example_inputs=loaded.inputs())
+    assert [d["spec"] for d in stored] == [[list(kv) for kv in d.spec] for d in library.dropout]
+    assert all(dict(map(tuple, d["spec"])).get("scale", 1.0) == 1.0 for d in stored)
