@@ -441,7 +441,7 @@ def _dispatch_forward(base: type[nn.Module],
             edited_call.append(p.name)
             base_call.append(p.name)
     lines = [f"def forward({', '.join(header)}):"]
-    flag_test = " and ".join(f"{self_name}.__dict__.get({k!r}) is {v!r}" for k, v in flags)
+    flag_test = " and ".join(_flag_test(self_name, k, v) for k, v in flags)
     for j, (spec, (train_fn, eval_fn)) in enumerate(table.items()):
         ns[f"_e{j}t"], ns[f"_e{j}e"] = train_fn, eval_fn
         fn_expr = f"_e{j}t" if train_fn is eval_fn else f"(_e{j}t if {self_name}.training else _e{j}e)"
@@ -570,8 +570,29 @@ def _edit_owners(model: nn.Module,
 
 
 def _flags(owner: nn.Module) -> tuple[tuple[str, bool], ...]:
-    """The owner's boolean attributes (``grad_checkpointing``...), fixed in a regenerated forward."""
-    return tuple((k, v) for k, v in owner.__dict__.items() if type(v) is bool and k != "training")
+    """The boolean flags fixed in a regenerated forward: the owner's own boolean attributes
+    (``grad_checkpointing``...) and the boolean attributes its class's code reads from an
+    object it holds (``config.use_cache``, as ``config.<name>``)."""
+    flags = [(k, v) for k, v in owner.__dict__.items() if type(v) is bool and k != "training"]
+    used: frozenset[str] | None = None
+    for key, value in owner.__dict__.items():
+        if key.startswith("_") or isinstance(value, (nn.Module, torch.Tensor, type)) \
+                or not hasattr(value, "__dict__") or callable(value):
+            continue
+        if used is None:
+            used = _names_used(type(owner))
+        flags += [(f"{key}.{name}", v) for name, v in vars(value).items()
+                  if type(v) is bool and name in used]
+    return tuple(flags)
+
+
+def _flag_test(self_name: str, name: str, value: bool) -> str:
+    """The generated test that flag ``name`` (``attr`` or ``attr.sub``) still is ``value``."""
+    head, _, sub = name.partition(".")
+    expr = f"{self_name}.__dict__.get({head!r})"
+    if sub:
+        expr = f"getattr({expr}, {sub!r}, None)"
+    return f"{expr} is {value!r}"
 
 
 def restore_classes(model: nn.Module) -> None:

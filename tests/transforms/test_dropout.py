@@ -157,3 +157,49 @@ def test_identical_blocks_share_code_but_tensor_constants_stay_their_own() -> No
         out(x)  # every block runs its regenerated forward
         classes = {type(out[i]) for i in range(3)}
         assert len(classes) == (3 if block is Shift else 1)
+
+
+class _ConfigGated(nn.Module):
+    """A block whose forward branches on a flag of a config object it holds."""
+
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.config = config
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc(x))
+        if self.config.use_dropout:  # type: ignore[attr-defined]
+            x = self.drop(x)
+        return x
+
+
+def test_a_config_flag_read_by_the_forward_is_not_frozen_into_the_regenerated_forward() -> None:
+    import warnings
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(use_dropout=False, hidden=4)
+    model = nn.Sequential(_ConfigGated(config), nn.Linear(4, 2))
+    out = regfx.transform(model, dropout=0.1)
+    block = out[0]
+    assert "_regfx_base" in type(block).__dict__  # the block's forward was regenerated
+    runs: list[str] = []
+    block.drop.register_forward_hook(lambda *a: runs.append("drop"))
+    block.fc.regfx_dropout.register_forward_hook(lambda *a: runs.append("inserted"))
+    x = torch.randn(3, 4)
+    out.train()
+    out(x)
+    assert runs == ["inserted"]
+    runs.clear()
+    block.config.use_dropout = True  # the flag, changed in place after the transform
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out(x)
+    assert runs == ["drop"]  # the original forward runs, honouring the flag
+    assert any("flags other than those it was traced with" in str(w.message) for w in caught)
+    runs.clear()
+    block.config.use_dropout = False
+    out(x)
+    assert runs == ["inserted"]
