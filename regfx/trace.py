@@ -833,9 +833,12 @@ def preserved(model: nn.Module) -> Iterator[None]:
     """Run a block that may write into ``model`` (a trace, an example forward) and undo it.
 
     Restores every module's attributes and the containers in them (caches, hook tables), every
-    training flag, and the CPU (and, for CUDA models, CUDA) random number generator state.
+    training flag, the contents of buffers written in place (a counter, an observer: even a
+    symbolic trace runs ``self.calls += 1`` on the real buffer), and the CPU (and, for CUDA
+    models, CUDA) random number generator state.
     """
     snap = _snapshot(model)
+    buffers = [(b, b._version, b.detach().clone()) for b in model.buffers() if not b.is_meta]
     devices = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         devices = list(range(torch.cuda.device_count()))
@@ -844,6 +847,10 @@ def preserved(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         _restore(snap)
+        with torch.no_grad():
+            for buf, version, value in buffers:
+                if buf._version != version:
+                    buf.copy_(value)
 
 
 def _has_uninitialized(model: nn.Module) -> bool:

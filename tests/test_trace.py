@@ -464,3 +464,32 @@ def test_stages_of_different_lengths_do_not_share_a_trace() -> None:
     assert [s for s, _, why in plan.skipped if why == "output layer"] == ["2.blocks.2.0#0"]
     graph = regfx.trace(model)
     assert graph.producers(graph.calls("2.blocks.2.0")[0]) == ["2.blocks.1.1#0"]
+
+
+class _Counting(nn.Module):
+    """A forward that writes into its buffers in place (a step counter, an observer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("running_max", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.fc(x)
+        self.running_max.copy_(torch.maximum(self.running_max, y.detach().amax(0)))
+        return y
+
+
+def test_the_example_forward_leaves_buffer_contents_as_they_were() -> None:
+    from regfx.trace import run_example
+
+    model = _Counting()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    regfx.trace(model, observe_forward=False)  # torch.fx runs `self.calls += 1` for real
+    graph = regfx.trace(model, torch.randn(3, 4) + 5, observe_forward=True)
+    assert graph.observe_error is None  # it ran
+    assert run_example(model, torch.randn(3, 4) + 5) is None
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -571,19 +571,52 @@ def _edit_owners(model: nn.Module,
 
 def _flags(owner: nn.Module) -> tuple[tuple[str, bool], ...]:
     """The boolean flags fixed in a regenerated forward: the owner's own boolean attributes
-    (``grad_checkpointing``...) and the boolean attributes its class's code reads from an
-    object it holds (``config.use_cache``, as ``config.<name>``)."""
+    (``grad_checkpointing``...) and the boolean attributes its forward (and the methods the
+    forward calls) reads from an object it holds (``config.use_cache``, as
+    ``config.<name>``)."""
     flags = [(k, v) for k, v in owner.__dict__.items() if type(v) is bool and k != "training"]
     used: frozenset[str] | None = None
     for key, value in owner.__dict__.items():
         if key.startswith("_") or isinstance(value, (nn.Module, torch.Tensor, type)) \
-                or not hasattr(value, "__dict__") or callable(value):
+                or callable(value):
+            continue
+        try:
+            attrs = object.__getattribute__(value, "__dict__")
+        except Exception:  # noqa: BLE001 - no plain __dict__ (slots, proxies): nothing to read
+            continue
+        if not isinstance(attrs, dict):
             continue
         if used is None:
-            used = _names_used(type(owner))
-        flags += [(f"{key}.{name}", v) for name, v in vars(value).items()
+            used = _forward_names(type(owner))
+        flags += [(f"{key}.{name}", v) for name, v in list(attrs.items())
                   if type(v) is bool and name in used]
     return tuple(flags)
+
+
+def _forward_names(cls: type) -> frozenset[str]:
+    """The attribute and global names ``cls.forward`` uses, and those of the methods of
+    ``cls`` it calls (by name, transitively), nested functions included."""
+    methods: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass in (nn.Module, object):
+            continue
+        for name, value in vars(klass).items():
+            func = getattr(value, "__func__", value)
+            code = getattr(func, "__code__", None)
+            if code is not None:
+                methods[name] = code
+    names: set[str] = set()
+    pending = [methods["forward"]] if "forward" in methods else []
+    seen: set[str] = {"forward"}
+    while pending:
+        code = pending.pop()
+        names.update(code.co_names)
+        pending.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+        for name in code.co_names:
+            if name in methods and name not in seen:
+                seen.add(name)
+                pending.append(methods[name])
+    return frozenset(names)
 
 
 def _flag_test(self_name: str, name: str, value: bool) -> str:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,3 +204,58 @@ def test_a_config_flag_read_by_the_forward_is_not_frozen_into_the_regenerated_fo
     block.config.use_dropout = False
     out(x)
     assert runs == ["inserted"]
+
+
+class _DescribedGated(_ConfigGated):
+    def describe(self) -> str:  # reads a flag the forward does not
+        return "verbose" if self.config.verbose else "quiet"  # type: ignore[attr-defined]
+
+
+def test_a_flag_only_another_method_reads_does_not_stop_the_inserted_dropout() -> None:
+    import warnings
+    from types import SimpleNamespace
+
+    block = _DescribedGated(SimpleNamespace(use_dropout=False, verbose=False))
+    out = regfx.transform(nn.Sequential(block, nn.Linear(4, 2)), dropout=0.1)
+    runs: list[int] = []
+    out[0].fc.regfx_dropout.register_forward_hook(lambda *a: runs.append(1))
+    out[0].config.verbose = True
+    out.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        out(torch.randn(3, 4))
+    assert runs == [1]
+
+
+class _KeyErrorGetattr:
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_d", {"use_dropout": False})
+
+    def __getattr__(self, name: str) -> object:
+        return self._d[name]
+
+
+class _NoneGetattr:
+    def __init__(self) -> None:
+        self.use_dropout = False
+
+    def __getattr__(self, name: str) -> object:
+        return None
+
+
+class _RaisingDict:
+    use_dropout = False
+
+    @property
+    def __dict__(self) -> dict[str, object]:  # type: ignore[override]
+        raise RuntimeError("no introspection here")
+
+
+@pytest.mark.parametrize("make", [_KeyErrorGetattr, _NoneGetattr, _RaisingDict])
+def test_unusual_objects_a_block_holds_do_not_break_the_transform(make: type) -> None:
+    model = nn.Sequential(_ConfigGated(make()), nn.Linear(4, 2))
+    out = regfx.transform(model, dropout=0.1, inplace=True)
+    out.train()
+    out(torch.randn(3, 4)).sum().backward()
