@@ -256,3 +256,15 @@ def test_norms_a_re_transform_keeps_stay_in_its_sites_and_checkpoint(tmp_path: P
     regfx.save_checkpoint(again, tmp_path / "ck.pt")
     loaded = regfx.load_checkpoint(_mlp(), tmp_path / "ck.pt")
     assert loaded.state_dict().keys() == again.state_dict().keys()
+
+
+def test_bake_leaves_a_weight_shared_with_a_module_outside_the_transformed_block() -> None:
+    outer = nn.Module()
+    outer.blk = _mlp()
+    outer.head = nn.Linear(4, 8)
+    outer.head.weight = outer.blk[0].weight  # tied across the block's boundary
+    raw = outer.blk[0].weight.detach().clone()
+    regfx.transform(outer.blk, spectral="linear", inplace=True)
+    baked = regfx.bake(outer)
+    assert torch.equal(baked.head.weight, raw)  # the head still computes with the raw weight
+    assert torch.equal(outer.head.weight, raw)  # and the model baked from is untouched

@@ -227,7 +227,10 @@ def fold_norms(model: nn.Module) -> None:
         mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         for m in plist.modules():
             m.training = False  # folding must not advance spectral norm's u/v
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+        # the folded value is set below; leaving it parametrized would write it into the one
+        # `original` tensor in place, and so into any module outside that shares that tensor
+        single = "original" in plist._parameters
+        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=not single)
         for hook_key in record.load_hooks:
             mod._load_state_dict_pre_hooks.pop(hook_key, None)
         mod._parameters.pop("weight", None)
