@@ -20,7 +20,7 @@ from regfx.graph import ModelGraph
 from regfx.recipe import NOT_GIVEN, Recipe, resolve_recipe
 from regfx.select import parse_types, select_layers
 from regfx.state import drop_state, ensure_state, state_of
-from regfx.trace import TraceCache, trace
+from regfx.trace import TraceCache, has_uninitialized, trace
 from regfx.transforms.dropout import DropoutSite, apply_dropout, plan_dropout, remove_dropout
 from regfx.transforms.norms import ZERO_WEIGHT, NormSite, apply_norms, fold_norms, plan_norms
 from regfx.transforms.penalty import PenaltySpec, apply_penalty, plan_penalty, remove_penalty
@@ -165,8 +165,7 @@ def plan(model: nn.Module, recipe: Recipe | None = None, *, graph: ModelGraph | 
 
 def _plan(model: nn.Module, rec: Recipe, graph: ModelGraph | None, example_inputs: Any,
           cache: TraceCache | None) -> Plan:
-    if (rec.spectral or rec.weight_norm or rec.l1 or rec.l2) and any(
-            isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+    if (rec.spectral or rec.weight_norm or rec.l1 or rec.l2) and has_uninitialized(model):
         raise RegfxError(f"{type(model).__name__} has lazy layers that are not initialized; "
                          "run one forward first")
     messages: list[str] = []

@@ -440,34 +440,24 @@ def _trace_loaded(loaded: Any) -> Any:
     from regfx.trace import trace
 
     graph = trace(loaded.model, loaded.inputs())
-    _check_inputs_fit(loaded, graph)
     _check_own_inputs(loaded, graph)
     return graph
 
 
 def _check_own_inputs(loaded: Any, graph: Any = None) -> None:
-    """The file's own ``example_inputs()`` must run the forward: run it once where tracing did
-    not (a model whose every forward traces), without letting it change the graph."""
+    """The file's own ``example_inputs()`` must run the forward (synthesized inputs may not):
+    what ``graph``'s example forward found, or, where tracing did not run them (a model whose
+    every forward traces, or no graph), one run of them that cannot change the graph."""
     from regfx.load import inputs_do_not_fit
     from regfx.trace import run_example
 
     if loaded.example_inputs is None:
         return
-    if graph is not None and graph.observe_error is None:
-        return  # the forward ran on them while tracing
-    error = run_example(loaded.model, loaded.inputs())
     failed = "the forward failed on the example inputs: "
+    error = graph.observe_error if graph is not None else None
+    if graph is None or (error is not None and not error.startswith(failed)):
+        error = run_example(loaded.model, loaded.inputs())
     if error is not None and error.startswith(failed):
-        raise inputs_do_not_fit(loaded.model, error[len(failed):])
-
-
-def _check_inputs_fit(loaded: Any, graph: Any) -> None:
-    """The file's own ``example_inputs()`` must run the forward (synthesized inputs may not)."""
-    from regfx.load import inputs_do_not_fit
-
-    failed = "the forward failed on the example inputs: "
-    error = getattr(graph, "observe_error", None) or ""
-    if loaded.example_inputs is not None and error.startswith(failed):
         raise inputs_do_not_fit(loaded.model, error[len(failed):])
 
 

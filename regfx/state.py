@@ -32,6 +32,7 @@ class NormRecord:
     param_order: list[str]
     load_hooks: list[int] = field(default_factory=list)
 
+
 _ATTR = "_regfx_state"
 
 

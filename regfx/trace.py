@@ -298,6 +298,13 @@ def _reaches_into_children(graph: fx.Graph) -> bool:
     return False
 
 
+def tensor_constants(graph: fx.Graph) -> list[str]:
+    """The attributes holding the tensor constants torch.fx made for ``graph`` (it stores
+    them on the module it traced, as ``_tensor_constant<N>``)."""
+    return [str(n.target) for n in graph.nodes
+            if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]
+
+
 _IMMUTABLE_BY_IDENTITY = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
 
 
@@ -348,8 +355,7 @@ class TraceCache:
                 found = _first_line(exc)
             self._graphs[key] = found
             if isinstance(found, fx.Graph):
-                names = [str(n.target) for n in found.nodes
-                         if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")]
+                names = tensor_constants(found)
                 if names:
                     self._constants[id(found)] = {n: getattr(module, n) for n in names}
                 if not _reaches_into_children(found):
@@ -853,7 +859,8 @@ def preserved(model: nn.Module) -> Iterator[None]:
                     buf.copy_(value)
 
 
-def _has_uninitialized(model: nn.Module) -> bool:
+def has_uninitialized(model: nn.Module) -> bool:
+    """Whether ``model`` has lazy layers whose parameters are not initialized yet."""
     return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 
 
@@ -971,7 +978,7 @@ def run_example(model: nn.Module, example_inputs: Any) -> str | None:
 def _observe(model: nn.Module, example_inputs: Any
              ) -> tuple[str | None, ExampleInputs | None, Observation | None]:
     """Run the example forward: ``(why it did not run, the inputs, the record)``."""
-    if _has_uninitialized(model):
+    if has_uninitialized(model):
         return "lazy layers are not initialized", None, None
     inputs = _resolve_inputs(model, example_inputs)
     if inputs is None:

@@ -21,6 +21,7 @@ import linecache
 import re
 import warnings
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from regfx.errors import RegfxError, RegfxWarning
 from regfx.graph import ModelGraph, is_dropout_module
 from regfx.select import is_inserted_path, is_linear_like, select_layers
 from regfx.state import ensure_state, state_of
-from regfx.trace import TraceCache, shared_fx_patches, trace_signature
+from regfx.trace import TraceCache, shared_fx_patches, tensor_constants, trace_signature
 
 __all__ = ["DropoutSite", "plan_dropout", "apply_dropout", "make_dropout", "remove_dropout",
            "dropout_output_hook", "restore_classes"]
@@ -233,7 +234,6 @@ def _names_used(cls: type) -> frozenset[str]:
     ``nn.Module``) use, nested functions included: read from their code objects, which is
     what a forward can reach through ``self`` without parsing any source."""
     names: set[str] = set()
-    codes = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
@@ -242,12 +242,19 @@ def _names_used(cls: type) -> frozenset[str]:
             func = getattr(func, "fget", func)
             code = getattr(func, "__code__", None)
             if code is not None:
-                codes.append(code)
-    while codes:
-        code = codes.pop()
-        names.update(code.co_names)
-        codes.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+                names |= _code_names(code)
     return frozenset(names)
+
+
+def _code_names(code: CodeType) -> set[str]:
+    """The global and attribute names ``code`` uses, its nested functions' included."""
+    names: set[str] = set()
+    codes = [code]
+    while codes:
+        current = codes.pop()
+        names.update(current.co_names)
+        codes.extend(c for c in current.co_consts if isinstance(c, CodeType))
+    return names
 
 
 def _not_regenerable(model: nn.Module, owner: str, cache: dict[type, str]) -> str:
@@ -363,8 +370,7 @@ def _edited_forward(owner: nn.Module, edits: list[tuple[str, str]], label: str,
         graph.lint()
         code = graph.python_code(root_module="self")
         codes[mode] = (_fast_module_lookups(code.src, graph), code.globals)
-        if any(n.op == "get_attr" and str(n.target).startswith("_tensor_constant")
-               for n in graph.nodes):
+        if tensor_constants(graph):
             # torch.fx stored a tensor constant on this owner: the code is its own
             owner.__dict__["_regfx_own_forward"] = True
     if len(codes) == 1 or codes[True][0] == codes[False][0]:
@@ -609,10 +615,9 @@ def _forward_names(cls: type) -> frozenset[str]:
     pending = [methods["forward"]] if "forward" in methods else []
     seen: set[str] = {"forward"}
     while pending:
-        code = pending.pop()
-        names.update(code.co_names)
-        pending.extend(c for c in code.co_consts if hasattr(c, "co_names"))
-        for name in code.co_names:
+        used = _code_names(pending.pop())
+        names |= used
+        for name in used:
             if name in methods and name not in seen:
                 seen.add(name)
                 pending.append(methods[name])
