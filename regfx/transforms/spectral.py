@@ -21,11 +21,15 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   (:mod:`regfx.transforms.spectral_engine`, on CUDA), which leaves each layer a
   :class:`Prepared` record. A layer's
   forward uses its record only if it was computed from the very tensors the layer holds now
-  (the weight, ``_u`` and ``_v`` objects, at the versions they had then); it then copies the new
-  ``u``/``v`` into its buffers, so ``u``/``v`` advance exactly when and as often as the layer
-  runs, as torch's do. Otherwise (tensors swapped by ``functional_call``, ``load_state_dict(
-  assign=True)``, ``to_empty``, a replica, a weight changed in place, a second call in one
-  forward) it iterates on its own.
+  (the weight, ``_u`` and ``_v`` objects, at the versions they had then), and keeps it as
+  pending: the new ``u``/``v`` of every layer that used its record are written into their
+  buffers together, with one copy, when the model's forward returns (or raises)
+  (:func:`write_pending`), or before the layer's own next call, whichever comes first. So
+  ``u``/``v`` advance exactly when and as often as the layer runs, as torch's do; only code
+  reading a layer's ``_u``/``_v`` inside the same forward, after that layer ran, sees the
+  vectors before its update. Otherwise (tensors swapped by ``functional_call``,
+  ``load_state_dict(assign=True)``, ``to_empty``, a replica, a weight changed in place, a
+  second call in one forward) the layer iterates on its own.
 
 torch's own code runs unchanged in eval mode, for 1-d weights, while ``torch.compile`` traces
 (``torch.compiler.is_compiling()``: a path dynamo traces without graph breaks) and under
@@ -42,7 +46,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-__all__ = ["Member", "Prepared", "SpectralNorm", "collect", "iterate", "spectral_norm"]
+__all__ = ["Member", "Prepared", "SpectralNorm", "collect", "iterate", "set_plain",
+           "spectral_norm", "write_pending"]
 
 
 def _to_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -115,10 +120,10 @@ class _DivideBySigma(torch.autograd.Function):
 
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Prepared:
-    """One layer's power iteration and ``sigma``, computed before the model's forward from the
-    tensors named here at the versions named here; see :meth:`SpectralNorm.forward`."""
+    """One layer's power iteration and normalized weight, computed before the model's forward
+    from the tensors named here at the versions named here; see :meth:`SpectralNorm.forward`."""
 
     weight: torch.Tensor
     weight_version: int
@@ -128,9 +133,7 @@ class Prepared:
     v_version: int
     new_u: torch.Tensor
     new_v: torch.Tensor
-    inv_sigma: torch.Tensor  # 1 / sigma
-    u_scaled: torch.Tensor  # -u / sigma^2, for the backward
-    normalized: torch.Tensor | None = None  # W / sigma, where it was computed already
+    normalized: torch.Tensor  # W / sigma, part of the prepared step's autograd graph
 
     def fits(self, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether this was computed from exactly these tensors in their current state."""
@@ -144,6 +147,12 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+def set_plain(module: nn.Module, name: str, value: Any) -> None:
+    """Set a plain (non-tensor, non-module) attribute of ``module`` without
+    ``nn.Module.__setattr__``'s checks, which cost microseconds per call on a per-layer path."""
+    object.__setattr__(module, name, value)
+
+
 class SpectralNorm(_SpectralNorm):
     """torch's spectral norm parametrization with a cheaper training step (see module doc)."""
 
@@ -151,26 +160,27 @@ class SpectralNorm(_SpectralNorm):
                  eps: float = 1e-12) -> None:
         super().__init__(weight, n_power_iterations, dim, eps)
         self.prepared: Prepared | None = None
+        self.pending: Prepared | None = None  # used this forward; its u/v not yet written
 
     def __getstate__(self) -> dict[str, Any]:
         # a prepared record is part of one forward's autograd graph: never copied or pickled
-        return {**super().__getstate__(), "prepared": None}
+        if self.pending is not None:
+            write_pending([self])
+        return {**super().__getstate__(), "prepared": None, "pending": None}
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight / sigma``; in training mode the power iteration advances first."""
+        if self.pending is not None:  # called again in one forward: from the updated u/v
+            write_pending([self])
         if (weight.ndim == 1 or not self.training or torch.compiler.is_compiling()
                 or functorch_active()):
             return super().forward(weight)
         prepared = self.prepared
         if prepared is not None:
-            self.prepared = None
+            set_plain(self, "prepared", None)
             if prepared.fits(weight, self._u, self._v):
-                with torch.no_grad():
-                    torch._foreach_copy_([self._u, self._v], [prepared.new_u, prepared.new_v])
-                if prepared.normalized is not None:
-                    return prepared.normalized
-                return _DivideBySigma.apply(weight, prepared.inv_sigma, prepared.new_u,  # type: ignore[no-any-return]
-                                            prepared.u_scaled, prepared.new_v, self.dim)
+                set_plain(self, "pending", prepared)
+                return prepared.normalized
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
         with torch.no_grad():
@@ -193,6 +203,23 @@ class SpectralNorm(_SpectralNorm):
             inv_sigma = clamped.div_(norm * norm)
             u_scaled = u * inv_sigma.square().neg_()
         return _DivideBySigma.apply(weight, inv_sigma.to(weight.dtype), u, u_scaled, v, self.dim)  # type: ignore[no-any-return]
+
+
+def write_pending(norms: list[SpectralNorm]) -> None:
+    """Write the new ``u``/``v`` of each of ``norms`` whose layer used its prepared record into
+    its ``_u``/``_v`` buffers, all with one copy."""
+    targets: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for sn in norms:
+        prepared = sn.pending
+        if prepared is not None:
+            set_plain(sn, "pending", None)
+            buffers = sn._buffers
+            targets += (buffers["_u"], buffers["_v"])  # type: ignore[arg-type]
+            values += (prepared.new_u, prepared.new_v)
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_(targets, values)
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,

@@ -33,7 +33,14 @@ from torch.utils.hooks import RemovableHandle
 
 from regfx.distributed import is_dtensor
 from regfx.state import ensure_state, state_of
-from regfx.transforms.spectral import Member, SpectralNorm, collect, functorch_active
+from regfx.transforms.spectral import (
+    Member,
+    SpectralNorm,
+    collect,
+    functorch_active,
+    set_plain,
+    write_pending,
+)
 from regfx.transforms.spectral_fused import FusedSpectral, eligible
 
 __all__ = ["Path", "SpectralEngine", "engine_of", "install", "uninstall"]
@@ -106,29 +113,40 @@ class SpectralEngine:
             if member.norm.training and weight.ndim >= 2 and not weight.is_meta \
                     and not is_dtensor(weight):
                 current.append((member.norm, weight))
-        path = self.choose(current)
-        if path is Path.FUSED:
-            graphs = current[0][1].is_cuda if self.cuda_graphs is None else self.cuda_graphs
-            if (self.fused is None or self.fused.graphs_requested != graphs
-                    or not self.fused.current(current)):
-                self.fused = FusedSpectral(current, use_graphs=graphs)
+        fused = self.fused
+        if fused is not None and self.path is not Path.PER_LAYER and (
+                fused.graphs_requested == self._graphs(current) and fused.current(current)):
+            fused.run()  # the same layers and tensors as the last step: the same choice
+            return
+        self.fused = None
+        if self.choose(current) is Path.FUSED:
+            self.fused = FusedSpectral(current, use_graphs=self._graphs(current))
             self.fused.run()
 
+    def _graphs(self, current: list[tuple[SpectralNorm, torch.Tensor]]) -> bool:
+        return current[0][1].is_cuda if self.cuda_graphs is None else self.cuda_graphs
+
     def after_forward(self, model: nn.Module) -> None:
-        """Drop what a layer the forward did not call left unused (part of an autograd graph)."""
+        """Write the new ``u``/``v`` of the layers that used their prepared records (one copy),
+        and drop what a layer the forward did not call left unused (part of an autograd
+        graph)."""
         if model is not self.root:
             return
-        for member in self.members:
-            if member.norm.prepared is not None:
-                member.norm.prepared = None
+        norms = [member.norm for member in self.members]
+        write_pending(norms)
+        for norm in norms:
+            if norm.prepared is not None:
+                set_plain(norm, "prepared", None)
 
     def remove(self) -> None:
         """Remove the hooks and everything prepared."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for member in self.members:
-            member.norm.prepared = None
+        norms = [member.norm for member in self.members]
+        write_pending(norms)
+        for norm in norms:
+            norm.prepared = None
         self.fused = None
 
 
@@ -166,7 +184,8 @@ def install(model: nn.Module) -> SpectralEngine | None:
         return None
     engine = SpectralEngine(model, members)
     engine.handles = [model.register_forward_pre_hook(_before_forward),
-                      model.register_forward_hook(_after_forward)]
+                      # also when the forward raises: the layers that ran have advanced
+                      model.register_forward_hook(_after_forward, always_call=True)]
     ensure_state(model).spectral = engine
     return engine
 

@@ -46,6 +46,7 @@ from regfx.transforms.spectral import (
     _to_matrix,
     differentiable_grad,
     iterate,
+    set_plain,
 )
 
 __all__ = ["FusedSpectral", "eligible"]
@@ -119,10 +120,11 @@ class FusedSpectral:
         versions = [(w._version, u._version, v._version)
                     for w, u, v in zip(self.weights, us, vs, strict=True)]
         scalars, *normalized = _NormalizeAll.apply(self, *self.weights)
-        inv, new_u, u_scaled, new_v = self.scalar_views(scalars.detach())
+        parts = scalars.detach().split(self.scalar_sizes)
+        new_u, new_v = parts[1::4], parts[3::4]  # see scalar_views
         for i, (sn, w) in enumerate(self.members):
-            sn.prepared = Prepared(w, versions[i][0], us[i], versions[i][1], vs[i], versions[i][2],
-                                   new_u[i], new_v[i], inv[i], u_scaled[i], normalized[i])
+            set_plain(sn, "prepared", Prepared(w, versions[i][0], us[i], versions[i][1], vs[i],
+                                               versions[i][2], new_u[i], new_v[i], normalized[i]))
 
     # -- views into flat buffers --------------------------------------------------------------
 
@@ -230,7 +232,8 @@ class FusedSpectral:
         return self.static_w.clone(), self.static_s.clone()
 
     def _vectors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return [sn._u for sn, _ in self.members], [sn._v for sn, _ in self.members]
+        buffers = [sn._buffers for sn, _ in self.members]
+        return [b["_u"] for b in buffers], [b["_v"] for b in buffers]  # type: ignore[misc]
 
     def _pack(self, flat: torch.Tensor, grads: tuple[torch.Tensor | None, ...]) -> None:
         """Copy the per-layer gradients into ``flat`` (zeros for layers without one)."""
@@ -310,6 +313,8 @@ class _NormalizeAll(torch.autograd.Function):
 
 
 def _key(members: Members) -> tuple[Any, ...]:
-    """Where every weight and vector is (their storage moves with ``.to()``, ``.half()``...)."""
-    return tuple((w.data_ptr(), sn._buffers["_u"].data_ptr(), sn._buffers["_v"].data_ptr(),  # type: ignore[union-attr]
-                  sn.training) for sn, w in members)
+    """Where every weight and vector is (their storage moves with ``.to()``, ``.half()``...),
+    the weights' layouts and each norm's settings."""
+    return tuple((w.data_ptr(), w.shape, w.stride(), sn._buffers["_u"].data_ptr(),  # type: ignore[union-attr]
+                  sn._buffers["_v"].data_ptr(), sn.training, sn.eps,  # type: ignore[union-attr]
+                  sn.n_power_iterations) for sn, w in members)

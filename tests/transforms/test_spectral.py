@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from regfx.transforms import spectral_engine
-from regfx.transforms.spectral import SpectralNorm, collect, spectral_norm
+from regfx.transforms.spectral import SpectralNorm, collect, spectral_norm, write_pending
 from regfx.transforms.spectral_engine import Path, engine_of
 from regfx.transforms.spectral_fused import FusedSpectral
 
@@ -220,6 +220,9 @@ def test_prepared_step_matches_per_layer_torch() -> None:
         assert all(sn.prepared is not None for sn, _ in norms)
         (ours(x) ** 2).sum().backward()
         assert all(sn.prepared is None for sn, _ in norms)  # each layer used its record
+        assert all(sn.pending is not None for sn, _ in norms)
+        write_pending([sn for sn, _ in norms])  # what the engine does after the forward
+        assert all(sn.pending is None for sn, _ in norms)
         (theirs(x) ** 2).sum().backward()
         assert_layers_match(ours, theirs, "_v")
 
@@ -253,6 +256,7 @@ def test_prepared_step_on_convolutions(kind: str) -> None:
     for _ in range(2):
         prepare(norms)  # one fused step for all three: one backward through them all
         sum((a(x) ** 2).sum() for a in ours).backward()
+        write_pending([sn for sn, _ in norms])
         sum((b(x) ** 2).sum() for b in theirs).backward()
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a.parametrizations.weight.original.grad,
@@ -390,6 +394,58 @@ def test_fused_step_weight_changed_before_backward_raises() -> None:
         ours.fc1.parametrizations.weight.original.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+def test_fused_step_forward_that_raises_still_advances_the_layers_that_ran() -> None:
+    """The layers' new u/v are written together after the forward, also when it raises."""
+    ours, theirs = mixed_pair("fused")
+
+    class Fails(nn.Module):  # conv1 and conv2 run, then the forward fails
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.inner.conv2(torch.relu(self.inner.conv1(x)))
+            raise ValueError("bad batch")
+
+    wrapped_o, wrapped_t = Fails(ours), Fails(theirs)
+    spectral_engine.install(wrapped_o)
+    force(wrapped_o, "fused")
+    x = torch.randn(2, 3, 8, 8)
+    for model in (wrapped_o, wrapped_t):
+        with pytest.raises(ValueError, match="bad batch"):
+            model(x)
+    assert not any(sn.pending is not None or sn.prepared is not None
+                   for sn, _ in norm_pairs(wrapped_o))
+    before = mixed_pair("fused")[0]
+    for name in ("conv1", "conv2", "up", "fc1", "fc2", "head"):
+        a = getattr(ours, name).parametrizations.weight[0]
+        b = getattr(theirs, name).parametrizations.weight[0]
+        torch.testing.assert_close(a._u, b._u, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a._v, b._v, rtol=1e-5, atol=1e-6, msg=name)
+        advanced = not torch.equal(a._u, getattr(before, name).parametrizations.weight[0]._u)
+        assert advanced == (name in ("conv1", "conv2")), name
+
+
+def test_fused_step_follows_changed_settings_and_path() -> None:
+    """Changing every norm's number of power iterations (or eps) between steps, or the path,
+    takes effect at the next step."""
+    ours, theirs = mixed_pair("fused")
+    x = torch.randn(2, 3, 8, 8)
+    train_pair(ours, theirs, x, 1)
+    fused = engine_of(ours).fused  # type: ignore[union-attr]
+    for model in (ours, theirs):
+        for layer in model.children():
+            layer.parametrizations.weight[0].n_power_iterations = 3
+            layer.parametrizations.weight[0].eps = 1e-8
+    train_pair(ours, theirs, x, 2)
+    rebuilt = engine_of(ours).fused  # type: ignore[union-attr]
+    assert rebuilt is not None and rebuilt is not fused and rebuilt.n == 3 and rebuilt.eps == 1e-8
+    force(ours, "per-layer")
+    runs = rebuilt.forward_calls
+    train_pair(ours, theirs, x, 1)
+    assert rebuilt.forward_calls == runs and engine_of(ours).fused is None  # type: ignore[union-attr]
 
 
 def test_fused_step_follows_the_model_to_another_dtype() -> None:

@@ -4,10 +4,11 @@ converted by ``.to()``, copied by ``deepcopy``, replicated for ``DataParallel``,
 ``torch.compile``. Reference: ``torch.nn.utils.parametrizations.spectral_norm`` on the same
 model, from the same weights and ``u``/``v``; float32, 1e-5.
 
-The model's engine is forced onto the fast path (the CUDA default, run eagerly on this CPU), and
-each test also checks that it was taken where the tensors it prepared from are the ones the
-layers use, and refused where they are not (the numbers alone would also match if the fast path
-never ran)."""
+The model's engine is forced onto the fast path (the CUDA default, run eagerly on a CPU); where
+CUDA is available every test runs again on the GPU, where the fast path replays CUDA graphs
+(TF32 off: the comparison is at float32 precision). Each test also checks that the fast path
+was taken where the tensors it prepared from are the ones the layers use, and refused where
+they are not (the numbers alone would also match if the fast path never ran)."""
 
 from __future__ import annotations
 
@@ -49,10 +50,28 @@ def torch_spectral(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_pair(base: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
-    """regfx's and torch's spectral norm on copies of one model, with the same ``u``/``v``."""
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> Iterator[torch.device]:
+    """Each test on the CPU and, where available, on CUDA (with TF32 off)."""
+    if request.param != "cuda":
+        yield torch.device("cpu")
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def make_pair(device: torch.device, base: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+    """regfx's and torch's spectral norm on copies of one model on ``device``, with the same
+    ``u``/``v``."""
     torch.manual_seed(0)
-    base = base if base is not None else Net()
+    base = (base if base is not None else Net()).to(device)
     theirs = torch_spectral(copy.deepcopy(base))
     ours = regfx.transform(copy.deepcopy(base), spectral="linear,conv")
     engine = engine_of(ours)
@@ -63,8 +82,8 @@ def make_pair(base: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
     return ours, theirs
 
 
-def x_input() -> torch.Tensor:
-    return torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+def x_input(device: torch.device) -> torch.Tensor:
+    return torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(1)).to(device)
 
 
 class Usage:
@@ -129,13 +148,13 @@ def random_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         t = torch.randn(value.shape, generator=gen, dtype=value.dtype)
-        out[key] = t / t.norm() if key.endswith(("._u", "._v")) else t
+        out[key] = (t / t.norm() if key.endswith(("._u", "._v")) else t).to(value.device)
     return out
 
 
-def test_functional_call_with_substituted_parameters(usage: Usage) -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_functional_call_with_substituted_parameters(device: torch.device, usage: Usage) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     train(ours, x, 1)  # a step before: anything cached from the model's own tensors exists now
     train(theirs, x, 1)
     assert usage.take() == (5, 0)
@@ -156,9 +175,9 @@ def test_functional_call_with_substituted_parameters(usage: Usage) -> None:
     assert usage.take() == (5, 0)
 
 
-def test_functional_call_with_substituted_vectors() -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_functional_call_with_substituted_vectors(device: torch.device) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     vectors = {k: v for k, v in random_state(ours, 3).items() if k.endswith(("._u", "._v"))}
     given = [{k: v.clone() for k, v in vectors.items()} for _ in range(2)]
     before = copy.deepcopy(ours.state_dict())
@@ -171,9 +190,9 @@ def test_functional_call_with_substituted_vectors() -> None:
         assert torch.equal(value, before[key]), key
 
 
-def test_torch_func_grad_of_functional_call() -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_torch_func_grad_of_functional_call(device: torch.device) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     grads = []
     for model in (ours, theirs):
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -187,9 +206,9 @@ def test_torch_func_grad_of_functional_call() -> None:
     assert_same_state(ours, theirs, grads=False)
 
 
-def test_load_state_dict_assign_then_train(usage: Usage) -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_load_state_dict_assign_then_train(device: torch.device, usage: Usage) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     train(ours, x, 1)
     train(theirs, x, 1)
     usage.take()
@@ -201,26 +220,27 @@ def test_load_state_dict_assign_then_train(usage: Usage) -> None:
     assert usage.take() == (15, 0)  # the fast path follows the assigned tensors
 
 
-def test_meta_build_to_empty_reinit_then_train(usage: Usage) -> None:
+def test_meta_build_to_empty_reinit_then_train(device: torch.device, usage: Usage) -> None:
     with torch.device("meta"):
         torch.manual_seed(0)
         base = Net()
     theirs = torch_spectral(copy.deepcopy(base))
     ours = regfx.transform(copy.deepcopy(base), spectral="linear,conv")
     engine_of(ours).path = Path.FUSED  # type: ignore[union-attr]
-    x = x_input()
+    x = x_input(device)
+    for model in (ours, theirs):
+        model.to_empty(device=device)
     state = random_state(theirs, 5)
     for model in (ours, theirs):
-        model.to_empty(device="cpu")
         model.load_state_dict(state)  # the re-initialization
     close(train(ours, x), train(theirs, x), "output")
     assert_same_state(ours, theirs)
     assert usage.take() == (15, 0)
 
 
-def test_to_another_dtype_and_back(usage: Usage) -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_to_another_dtype_and_back(device: torch.device, usage: Usage) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     train(ours, x, 1)
     train(theirs, x, 1)
     for model in (ours, theirs):
@@ -234,9 +254,9 @@ def test_to_another_dtype_and_back(usage: Usage) -> None:
     assert usage.take() == (35, 0)
 
 
-def test_deepcopy_trains_on_its_own_tensors(usage: Usage) -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_deepcopy_trains_on_its_own_tensors(device: torch.device, usage: Usage) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     train(ours, x, 1)
     train(theirs, x, 1)
     ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
@@ -270,9 +290,9 @@ def cpu_replica(model: nn.Module) -> nn.Module:
     return copies[model]
 
 
-def test_dataparallel_style_replicas(usage: Usage) -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_dataparallel_style_replicas(device: torch.device, usage: Usage) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     before = copy.deepcopy(ours.state_dict())
     replicas = [cpu_replica(ours) for _ in range(2)], [cpu_replica(theirs) for _ in range(2)]
     outs = [[r(x[i::2]) for i, r in enumerate(rs)] for rs in replicas]
@@ -298,12 +318,12 @@ def explain_graphs(model: nn.Module, x: torch.Tensor) -> int:
     return int(torch._dynamo.explain(model)(x).graph_count)
 
 
-def test_compile_no_extra_graphs_and_u_v_advance_once() -> None:
-    ours, theirs = make_pair()
-    x = x_input()
+def test_compile_no_extra_graphs_and_u_v_advance_once(device: torch.device) -> None:
+    ours, theirs = make_pair(device)
+    x = x_input(device)
     graphs = explain_graphs(ours, x), explain_graphs(theirs, x)
     assert graphs[0] == graphs[1] == 1
-    ours, theirs = make_pair()  # explain ran training forwards: start again
+    ours, theirs = make_pair(device)  # explain ran training forwards: start again
     eager = copy.deepcopy(theirs)
     torch._dynamo.reset()
     compiled = [torch.compile(m, backend="aot_eager") for m in (ours, theirs)]
