@@ -29,7 +29,8 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   reading a layer's ``_u``/``_v`` inside the same forward, after that layer ran, sees the
   vectors before its update. Otherwise (tensors swapped by ``functional_call``,
   ``load_state_dict(assign=True)``, ``to_empty``, a replica, a weight changed in place, a
-  second call in one forward) the layer iterates on its own.
+  second call in one forward, and inside a non-reentrant ``checkpoint``, whose recomputation
+  in the backward must save the same tensors as the forward) the layer iterates on its own.
 
 torch's own code runs unchanged in eval mode, for 1-d weights, while ``torch.compile`` traces
 (``torch.compiler.is_compiling()``: a path dynamo traces without graph breaks) and under
@@ -147,6 +148,13 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active: inside a non-reentrant ``checkpoint`` (or
+    ``save_on_cpu``). A layer there iterates on its own, in the forward as in its recomputation
+    in the backward, which must save the same tensors."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def set_plain(module: nn.Module, name: str, value: Any) -> None:
     """Set a plain (non-tensor, non-module) attribute of ``module`` without
     ``nn.Module.__setattr__``'s checks, which cost microseconds per call on a per-layer path."""
@@ -178,7 +186,7 @@ class SpectralNorm(_SpectralNorm):
         prepared = self.prepared
         if prepared is not None:
             set_plain(self, "prepared", None)
-            if prepared.fits(weight, self._u, self._v):
+            if prepared.fits(weight, self._u, self._v) and not saved_tensor_hooks_active():
                 set_plain(self, "pending", prepared)
                 return prepared.normalized
         weight_mat = self._reshape_weight_to_matrix(weight)

@@ -184,8 +184,9 @@ def install(model: nn.Module) -> SpectralEngine | None:
         return None
     engine = SpectralEngine(model, members)
     engine.handles = [model.register_forward_pre_hook(_before_forward),
-                      # also when the forward raises: the layers that ran have advanced
-                      model.register_forward_hook(_after_forward, always_call=True)]
+                      # before the model's other forward hooks, and also when the forward
+                      # raises: the layers that ran have advanced
+                      model.register_forward_hook(_after_forward, prepend=True, always_call=True)]
     ensure_state(model).spectral = engine
     return engine
 

@@ -428,6 +428,60 @@ def test_fused_step_forward_that_raises_still_advances_the_layers_that_ran() -> 
         assert advanced == (name in ("conv1", "conv2")), name
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_step_under_gradient_checkpointing_matches_torch(reentrant: bool) -> None:
+    """A checkpointed block recomputes its layers in the backward: like torch's, they iterate
+    again there (u/v advance twice), and the gradients are those of the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inner[0](x)
+            h = checkpoint(lambda t: self.inner[2](torch.tanh(self.inner[1](t))), h,
+                           use_reentrant=reentrant)
+            return self.inner[3](h)
+
+    ours, theirs = stacked("linear", 4)
+    wrapped_o, wrapped_t = Checkpointed(ours), Checkpointed(theirs)
+    engine = spectral_engine.install(wrapped_o)
+    force(wrapped_o, "fused")
+    x = torch.randn(3, 12, requires_grad=reentrant)  # reentrant: an input that needs grad
+    calls = []
+    for layer in ours:
+        layer.parametrizations.weight[0].register_forward_hook(lambda *a: calls.append(1))
+    for model in (wrapped_o, wrapped_t):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            (model(x) ** 2).sum().backward()
+            opt.step()
+    assert len(calls) == 2 * 6  # per step: four layers, two of them again in the backward
+    assert engine is not None and engine.fused is not None and engine.fused.forward_calls == 2
+    assert_layers_match(ours, theirs, "_u")
+    assert_layers_match(ours, theirs, "_v")
+
+
+def test_fused_step_model_forward_hooks_see_the_new_vectors() -> None:
+    """A forward hook of the model registered before the engine's (logging sigma, say) already
+    sees every layer's advanced u/v."""
+    ours, theirs = mixed_pair("fused")
+    spectral_engine.uninstall(ours)
+    seen = []
+    ours.register_forward_hook(
+        lambda m, a, o: seen.append(m.fc1.parametrizations.weight[0]._u.clone()))
+    spectral_engine.install(ours)
+    force(ours, "fused")
+    x = torch.randn(2, 3, 8, 8)
+    ours(x)
+    theirs(x)
+    torch.testing.assert_close(seen[0], theirs.fc1.parametrizations.weight[0]._u,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_fused_step_follows_changed_settings_and_path() -> None:
     """Changing every norm's number of power iterations (or eps) between steps, or the path,
     takes effect at the next step."""
