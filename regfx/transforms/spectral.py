@@ -24,10 +24,9 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   (the weight, ``_u`` and ``_v`` objects, at the versions they had then), and keeps it as
   pending: the new ``u``/``v`` of every layer that used its record are written into their
   buffers together, with one copy, when the model's forward returns (or raises)
-  (:func:`write_pending`), or before the layer's own next call, whichever comes first. So
-  ``u``/``v`` advance exactly when and as often as the layer runs, as torch's do; only code
-  reading a layer's ``_u``/``_v`` inside the same forward, after that layer ran, sees the
-  vectors before its update. Otherwise (tensors swapped by ``functional_call``,
+  (:func:`write_pending`), before the layer's own next call, or when ``_u``/``_v`` are read
+  through the module or its state dict, whichever comes first. So ``u``/``v`` advance exactly
+  when and as often as the layer runs, as torch's do. Otherwise (tensors swapped by ``functional_call``,
   ``load_state_dict(assign=True)``, ``to_empty``, a replica, a weight changed in place, a
   second call in one forward, and inside a non-reentrant ``checkpoint``, whose recomputation
   in the backward must save the same tensors as the forward) the layer iterates on its own.
@@ -128,6 +127,7 @@ class Prepared:
 
     weight: torch.Tensor
     weight_version: int
+    weight_ptr: int  # where its data was: ``weight.data = other`` keeps identity and version
     u: torch.Tensor
     u_version: int
     v: torch.Tensor
@@ -140,7 +140,7 @@ class Prepared:
         """Whether this was computed from exactly these tensors in their current state."""
         return (weight is self.weight and u is self.u and v is self.v
                 and weight._version == self.weight_version and u._version == self.u_version
-                and v._version == self.v_version)
+                and v._version == self.v_version and weight.data_ptr() == self.weight_ptr)
 
 
 def functorch_active() -> bool:
@@ -176,6 +176,18 @@ class SpectralNorm(_SpectralNorm):
             write_pending([self])
         return {**super().__getstate__(), "prepared": None, "pending": None}
 
+    def __getattr__(self, name: str) -> Any:
+        # _u/_v read while this layer's new vectors are pending (a forward hook logging sigma,
+        # say): written first, so the reader sees what it would see with torch's
+        if name in ("_u", "_v") and self.__dict__.get("pending") is not None:
+            write_pending([self])
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        if self.pending is not None:
+            write_pending([self])
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight / sigma``; in training mode the power iteration advances first."""
         if self.pending is not None:  # called again in one forward: from the updated u/v
@@ -183,30 +195,33 @@ class SpectralNorm(_SpectralNorm):
         if (weight.ndim == 1 or not self.training or torch.compiler.is_compiling()
                 or functorch_active()):
             return super().forward(weight)
+        buffers = self._buffers
+        u_buf: torch.Tensor = buffers["_u"]  # type: ignore[assignment]
+        v_buf: torch.Tensor = buffers["_v"]  # type: ignore[assignment]
         prepared = self.prepared
         if prepared is not None:
             set_plain(self, "prepared", None)
-            if prepared.fits(weight, self._u, self._v) and not saved_tensor_hooks_active():
+            if prepared.fits(weight, u_buf, v_buf) and not saved_tensor_hooks_active():
                 set_plain(self, "pending", prepared)
                 return prepared.normalized
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
         with torch.no_grad():
             for i in range(self.n_power_iterations):
-                w_v = torch.mv(weight_mat, self._v)
+                w_v = torch.mv(weight_mat, v_buf)
                 if i + 1 < self.n_power_iterations:
-                    torch.div(w_v, torch.linalg.vector_norm(w_v).clamp_min_(eps), out=self._u)
-                    u = self._u
+                    torch.div(w_v, torch.linalg.vector_norm(w_v).clamp_min_(eps), out=u_buf)
+                    u = u_buf
                 else:  # a fresh tensor: saved for backward, then the new _u
                     u = w_v.div_(torch.linalg.vector_norm(w_v).clamp_min_(eps))
-                    self._u.copy_(u)
+                    u_buf.copy_(u)
                 w_t_u = torch.mv(weight_mat.mH, u)  # the conjugate transpose, as torch's
                 norm = torch.linalg.vector_norm(w_t_u)
                 clamped = norm.clamp_min(eps)
                 if i + 1 < self.n_power_iterations:
-                    torch.div(w_t_u, clamped, out=self._v)
+                    torch.div(w_t_u, clamped, out=v_buf)
             v = w_t_u.div_(clamped)  # a fresh tensor: saved for backward, then the new _v
-            self._v.copy_(v)
+            v_buf.copy_(v)
             # sigma = u^H W v = |W^H u|^2 / max(|W^H u|, eps); keep 1/sigma and -u/sigma^2
             inv_sigma = clamped.div_(norm * norm)
             u_scaled = u * inv_sigma.square().neg_()

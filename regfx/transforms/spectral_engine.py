@@ -110,8 +110,11 @@ class SpectralEngine:
             weight = member.weight
             # a weight fully_shard keeps sharded until the layer's own pre-forward gathers it
             # is left to that layer, which then iterates on the gathered weight itself
-            if member.norm.training and weight.ndim >= 2 and not weight.is_meta \
-                    and not is_dtensor(weight):
+            # a weight that needs no gradient (a momentum or EMA copy, a frozen layer) is often
+            # updated by other code in place, also inside the forward (MoCo's key encoder,
+            # through .data, which leaves no trace): its layer iterates when it runs
+            if member.norm.training and weight.requires_grad and weight.ndim >= 2 \
+                    and not weight.is_meta and not is_dtensor(weight):
                 current.append((member.norm, weight))
         fused = self.fused
         if fused is not None and self.path is not Path.PER_LAYER and (

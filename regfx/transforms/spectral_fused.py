@@ -117,14 +117,15 @@ class FusedSpectral:
         """Compute every normalized weight for the next forward in one operation and leave each
         layer its :class:`~regfx.transforms.spectral.Prepared` record."""
         us, vs = self._vectors()
-        versions = [(w._version, u._version, v._version)
+        versions = [(w._version, u._version, v._version, w.data_ptr())
                     for w, u, v in zip(self.weights, us, vs, strict=True)]
         scalars, *normalized = _NormalizeAll.apply(self, *self.weights)
         parts = scalars.detach().split(self.scalar_sizes)
         new_u, new_v = parts[1::4], parts[3::4]  # see scalar_views
         for i, (sn, w) in enumerate(self.members):
-            set_plain(sn, "prepared", Prepared(w, versions[i][0], us[i], versions[i][1], vs[i],
-                                               versions[i][2], new_u[i], new_v[i], normalized[i]))
+            w_version, u_version, v_version, w_ptr = versions[i]
+            set_plain(sn, "prepared", Prepared(w, w_version, w_ptr, us[i], u_version, vs[i],
+                                               v_version, new_u[i], new_v[i], normalized[i]))
 
     # -- views into flat buffers --------------------------------------------------------------
 
@@ -288,7 +289,13 @@ class _NormalizeAll(torch.autograd.Function):
     def forward(ctx: Any, fused: FusedSpectral, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out_w, out_s = fused.forward()
         ctx.fused = fused
-        ctx.save_for_backward(out_s, *weights)  # autograd checks the weights' versions
+        # the weights are kept with their versions, not saved for backward: autograd would then
+        # check every weight in any backward through the step, also the weight of a layer that
+        # did not use its record (changed in place in the forward before that layer ran, say, or
+        # stepped between two backwards of one forward); the backward checks the layers that did
+        ctx.weights = weights
+        ctx.versions = [w._version for w in weights]
+        ctx.save_for_backward(out_s)
         ctx.set_materialize_grads(False)  # a layer not called gets None, not zeros
         ctx.mark_non_differentiable(out_s)
         return (out_s, *fused.weight_views(out_w))
@@ -300,8 +307,14 @@ class _NormalizeAll(torch.autograd.Function):
         scalars = ctx.saved_tensors[0]
         if all(g is None for g in grads):
             return (None,) * (len(grads) + 1)
+        weights = ctx.weights
+        for g, w, version in zip(grads, weights, ctx.versions, strict=True):
+            if g is not None and w._version != version:
+                raise RuntimeError(  # autograd's own error for a saved tensor changed in place
+                    "one of the variables needed for gradient computation has been modified by "
+                    f"an inplace operation: [{w.type()} {list(w.shape)}] is at version "
+                    f"{w._version}; expected version {version} instead.")
         if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated
-            weights = ctx.saved_tensors[1:]
             _, us, _, vs = fused.scalar_views(scalars)
             return (None, *(None if g is None else differentiable_grad(g, w, u, v, sn.dim)
                             for g, w, u, v, (sn, _) in zip(grads, weights, us, vs, fused.members,

@@ -482,6 +482,99 @@ def test_fused_step_model_forward_hooks_see_the_new_vectors() -> None:
                                rtol=1e-5, atol=1e-6)
 
 
+def clip_in_pre_hook(how: str):  # type: ignore[no-untyped-def]
+    """A forward pre-hook changing its layer's weight before the layer runs (a max-norm
+    constraint applied in the forward, say)."""
+    def hook(layer: nn.Module, args: object) -> None:
+        w = layer.parametrizations.weight.original
+        if how == "inplace":
+            with torch.no_grad():
+                w.clamp_(-0.05, 0.05)
+        else:  # a new tensor through .data: same parameter object, same version
+            w.data = w.data.clamp(-0.05, 0.05)
+    return hook
+
+
+@pytest.mark.parametrize("how", ["inplace", "data_assign"])
+def test_fused_step_weight_changed_in_the_forward_before_its_layer_runs(how: str) -> None:
+    """That layer refuses its record and iterates on the changed weight, as torch's; the other
+    layers' records and the backward through the fused step are unaffected."""
+    ours, theirs = mixed_pair("fused")
+    for model in (ours, theirs):
+        model.fc1.register_forward_pre_hook(clip_in_pre_hook(how))
+    train_pair(ours, theirs, torch.randn(2, 3, 8, 8), 2)
+
+
+def test_fused_step_frozen_copy_updated_through_data_in_the_forward() -> None:
+    """MoCo's key encoder: a copy that needs no gradient, updated in the forward through
+    ``.data`` (which leaves no version or identity change) before it runs; its layers iterate
+    on the updated weights, as torch's."""
+
+    class Momentum(nn.Module):
+        def __init__(self, online: nn.Module) -> None:
+            super().__init__()
+            self.online = online
+            self.target = copy.deepcopy(online).requires_grad_(False)
+            with torch.no_grad():
+                for p in self.online.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.online(x)
+            with torch.no_grad():
+                for po, pt in zip(self.online.parameters(), self.target.parameters(), strict=True):
+                    pt.data.mul_(0.5).add_(po.data, alpha=0.5)
+                k = self.target(x)
+            return q * k
+
+    ours, theirs = mixed_pair("fused")
+    wrapped_o, wrapped_t = Momentum(ours), Momentum(theirs)
+    engine = spectral_engine.install(wrapped_o)
+    force(wrapped_o, "fused")
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        for model in (wrapped_o, wrapped_t):
+            model.zero_grad()
+            (model(x) ** 2).sum().backward()
+        assert_mixed_match(ours, theirs)
+        assert_mixed_match(wrapped_o.target, wrapped_t.target, grads=False)
+    assert engine is not None and engine.fused is not None
+    assert len(engine.fused.members) == 6  # the online layers only
+
+
+def test_fused_step_optimizer_step_between_two_backwards() -> None:
+    """One forward, two losses: the head stepped after the first backward, the second loss not
+    reaching the head (an auxiliary loss on hidden features)."""
+    ours, theirs = mixed_pair("fused")
+    x = torch.randn(2, 3, 8, 8)
+    features = {}
+    for model in (ours, theirs):
+        model.fc2.register_forward_hook(lambda m, a, out, model=model: features.update({model: out}))
+    for model in (ours, theirs):
+        out = model(x)
+        (out ** 2).sum().backward(retain_graph=True)
+        torch.optim.SGD(model.head.parameters(), lr=0.1).step()
+        features[model].pow(2).sum().backward()
+    assert_mixed_match(ours, theirs)
+
+
+def test_fused_step_layer_hooks_read_the_new_vectors() -> None:
+    """A layer's forward hook reading its u/v (to log sigma, say), directly or through the
+    state dict, sees the vectors its call advanced, as with torch's."""
+    ours, theirs = mixed_pair("fused")
+    seen: dict[str, list[torch.Tensor]] = {"ours": [], "theirs": []}
+    for key, model in (("ours", ours), ("theirs", theirs)):
+        def hook(layer: nn.Module, args: object, out: torch.Tensor, key: str = key) -> None:
+            sn = layer.parametrizations.weight[0]
+            seen[key] += [sn._u.clone(), layer.state_dict()["parametrizations.weight.0._v"].clone()]
+        model.fc1.register_forward_hook(hook)
+    x = torch.randn(2, 3, 8, 8)
+    ours(x)
+    theirs(x)
+    for a, b in zip(seen["ours"], seen["theirs"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_step_follows_changed_settings_and_path() -> None:
     """Changing every norm's number of power iterations (or eps) between steps, or the path,
     takes effect at the next step."""
