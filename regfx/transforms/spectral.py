@@ -21,12 +21,9 @@ value ``W / sigma`` and the same gradient. What differs is the cost of a trainin
   (:mod:`regfx.transforms.spectral_engine`, on CUDA), which leaves each layer a
   :class:`Prepared` record. A layer's
   forward uses its record only if it was computed from the very tensors the layer holds now
-  (the weight, ``_u`` and ``_v`` objects, at the versions they had then), and keeps it as
-  pending: the new ``u``/``v`` of every layer that used its record are written into their
-  buffers together, with one copy, when the model's forward returns (or raises)
-  (:func:`write_pending`), before the layer's own next call, or when ``_u``/``_v`` are read
-  through the module or its state dict, whichever comes first. So ``u``/``v`` advance exactly
-  when and as often as the layer runs, as torch's do. Otherwise (tensors swapped by ``functional_call``,
+  (the weight, ``_u`` and ``_v`` objects, at the versions and data pointers they had then);
+  it then copies the new ``u``/``v`` into its buffers, so ``u``/``v`` advance exactly when and
+  as often as the layer runs, as torch's do. Otherwise (tensors swapped by ``functional_call``,
   ``load_state_dict(assign=True)``, ``to_empty``, a replica, a weight changed in place, a
   second call in one forward, and inside a non-reentrant ``checkpoint``, whose recomputation
   in the backward must save the same tensors as the forward) the layer iterates on its own.
@@ -47,7 +44,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 __all__ = ["Member", "Prepared", "SpectralNorm", "collect", "iterate", "set_plain",
-           "spectral_norm", "write_pending"]
+           "spectral_norm"]
 
 
 def _to_matrix(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -168,30 +165,13 @@ class SpectralNorm(_SpectralNorm):
                  eps: float = 1e-12) -> None:
         super().__init__(weight, n_power_iterations, dim, eps)
         self.prepared: Prepared | None = None
-        self.pending: Prepared | None = None  # used this forward; its u/v not yet written
 
     def __getstate__(self) -> dict[str, Any]:
         # a prepared record is part of one forward's autograd graph: never copied or pickled
-        if self.pending is not None:
-            write_pending([self])
-        return {**super().__getstate__(), "prepared": None, "pending": None}
-
-    def __getattr__(self, name: str) -> Any:
-        # _u/_v read while this layer's new vectors are pending (a forward hook logging sigma,
-        # say): written first, so the reader sees what it would see with torch's
-        if name in ("_u", "_v") and self.__dict__.get("pending") is not None:
-            write_pending([self])
-        return super().__getattr__(name)
-
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        if self.pending is not None:
-            write_pending([self])
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        return {**super().__getstate__(), "prepared": None}
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight / sigma``; in training mode the power iteration advances first."""
-        if self.pending is not None:  # called again in one forward: from the updated u/v
-            write_pending([self])
         if (weight.ndim == 1 or not self.training or torch.compiler.is_compiling()
                 or functorch_active()):
             return super().forward(weight)
@@ -202,7 +182,8 @@ class SpectralNorm(_SpectralNorm):
         if prepared is not None:
             set_plain(self, "prepared", None)
             if prepared.fits(weight, u_buf, v_buf) and not saved_tensor_hooks_active():
-                set_plain(self, "pending", prepared)
+                with torch.no_grad():
+                    torch._foreach_copy_([u_buf, v_buf], [prepared.new_u, prepared.new_v])
                 return prepared.normalized
         weight_mat = self._reshape_weight_to_matrix(weight)
         eps = self.eps
@@ -226,23 +207,6 @@ class SpectralNorm(_SpectralNorm):
             inv_sigma = clamped.div_(norm * norm)
             u_scaled = u * inv_sigma.square().neg_()
         return _DivideBySigma.apply(weight, inv_sigma.to(weight.dtype), u, u_scaled, v, self.dim)  # type: ignore[no-any-return]
-
-
-def write_pending(norms: list[SpectralNorm]) -> None:
-    """Write the new ``u``/``v`` of each of ``norms`` whose layer used its prepared record into
-    its ``_u``/``_v`` buffers, all with one copy."""
-    targets: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    for sn in norms:
-        prepared = sn.pending
-        if prepared is not None:
-            set_plain(sn, "pending", None)
-            buffers = sn._buffers
-            targets += (buffers["_u"], buffers["_v"])  # type: ignore[arg-type]
-            values += (prepared.new_u, prepared.new_v)
-    if targets:
-        with torch.no_grad():
-            torch._foreach_copy_(targets, values)
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,

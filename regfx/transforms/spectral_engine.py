@@ -39,11 +39,13 @@ from regfx.transforms.spectral import (
     collect,
     functorch_active,
     set_plain,
-    write_pending,
 )
 from regfx.transforms.spectral_fused import FusedSpectral, eligible
 
 __all__ = ["Path", "SpectralEngine", "engine_of", "install", "uninstall"]
+
+
+_STEPS_KEPT = 4
 
 
 class Path(enum.Enum):
@@ -62,7 +64,11 @@ class SpectralEngine:
         path: a path forced for every step (tests, benchmarks), or None to choose by device.
         cuda_graphs: whether the fused path replays CUDA graphs; None: where the weights are
             on CUDA.
-        fused: the fused step's buffers and graphs, while they fit the current tensors.
+        fused: the fused step used last (its buffers and graphs).
+        steps: the fused steps built, by the layers they cover (a few: in a GAN, the
+            generator's and discriminator's layers in one step, the generator's alone while the
+            discriminator's weights need no gradient), each reused while its layers hold the
+            same tensors.
         handles: the forward hooks it registered on ``root``.
     """
 
@@ -72,12 +78,13 @@ class SpectralEngine:
         self.path: Path | None = None
         self.cuda_graphs: bool | None = None
         self.fused: FusedSpectral | None = None
+        self.steps: dict[tuple[SpectralNorm, ...], FusedSpectral] = {}
         self.handles: list[RemovableHandle] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # buffers and CUDA graphs are rebuilt where they are needed (a deep copy, an unpickled
         # model) rather than copied
-        return {**self.__dict__, "fused": None}
+        return {**self.__dict__, "fused": None, "steps": {}}
 
     def choose(self, current: list[tuple[SpectralNorm, torch.Tensor]]) -> Path:
         """The path for this step's ``(norm, weight)`` pairs: the device's fast path where they
@@ -116,41 +123,47 @@ class SpectralEngine:
             if member.norm.training and weight.requires_grad and weight.ndim >= 2 \
                     and not weight.is_meta and not is_dtensor(weight):
                 current.append((member.norm, weight))
-        fused = self.fused
-        if fused is not None and self.path is not Path.PER_LAYER and (
-                fused.graphs_requested == self._graphs(current) and fused.current(current)):
-            fused.run()  # the same layers and tensors as the last step: the same choice
+        if not current:
             return
-        self.fused = None
-        if self.choose(current) is Path.FUSED:
-            self.fused = FusedSpectral(current, use_graphs=self._graphs(current))
-            self.fused.run()
+        key = tuple(norm for norm, _ in current)
+        fused = self.steps.get(key)
+        reusable = (fused is not None and fused.graphs_requested == self._graphs(current)
+                    and fused.current(current))
+        if reusable and self.path is not Path.PER_LAYER:
+            self.fused = fused  # the same layers and tensors as before: the same choice
+            fused.run()  # type: ignore[union-attr]
+            return
+        if self.choose(current) is not Path.FUSED:
+            return  # per layer this step; fused steps built before stay for steps they fit
+        if fused is None or not reusable:
+            fused = FusedSpectral(current, use_graphs=self._graphs(current))
+            self.steps.pop(key, None)
+            self.steps[key] = fused
+            while len(self.steps) > _STEPS_KEPT:  # the least recently built goes
+                del self.steps[next(iter(self.steps))]
+        self.fused = fused
+        fused.run()
 
     def _graphs(self, current: list[tuple[SpectralNorm, torch.Tensor]]) -> bool:
         return current[0][1].is_cuda if self.cuda_graphs is None else self.cuda_graphs
 
     def after_forward(self, model: nn.Module) -> None:
-        """Write the new ``u``/``v`` of the layers that used their prepared records (one copy),
-        and drop what a layer the forward did not call left unused (part of an autograd
-        graph)."""
+        """Drop what a layer the forward did not call left unused (part of an autograd graph)."""
         if model is not self.root:
             return
-        norms = [member.norm for member in self.members]
-        write_pending(norms)
-        for norm in norms:
-            if norm.prepared is not None:
-                set_plain(norm, "prepared", None)
+        for member in self.members:
+            if member.norm.prepared is not None:
+                set_plain(member.norm, "prepared", None)
 
     def remove(self) -> None:
         """Remove the hooks and everything prepared."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        norms = [member.norm for member in self.members]
-        write_pending(norms)
-        for norm in norms:
-            norm.prepared = None
+        for member in self.members:
+            set_plain(member.norm, "prepared", None)
         self.fused = None
+        self.steps.clear()
 
 
 def _before_forward(model: nn.Module, args: Any) -> None:
@@ -187,9 +200,8 @@ def install(model: nn.Module) -> SpectralEngine | None:
         return None
     engine = SpectralEngine(model, members)
     engine.handles = [model.register_forward_pre_hook(_before_forward),
-                      # before the model's other forward hooks, and also when the forward
-                      # raises: the layers that ran have advanced
-                      model.register_forward_hook(_after_forward, prepend=True, always_call=True)]
+                      # also when the forward raises: no record outlives its forward
+                      model.register_forward_hook(_after_forward, always_call=True)]
     ensure_state(model).spectral = engine
     return engine
 

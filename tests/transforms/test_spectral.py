@@ -5,6 +5,7 @@ run eagerly on this CPU, with recorded graphs, and on CUDA where there is one)."
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from regfx.transforms import spectral_engine
-from regfx.transforms.spectral import SpectralNorm, collect, spectral_norm, write_pending
+from regfx.transforms.spectral import SpectralNorm, collect, spectral_norm
 from regfx.transforms.spectral_engine import Path, engine_of
 from regfx.transforms.spectral_fused import FusedSpectral
 
@@ -220,9 +221,6 @@ def test_prepared_step_matches_per_layer_torch() -> None:
         assert all(sn.prepared is not None for sn, _ in norms)
         (ours(x) ** 2).sum().backward()
         assert all(sn.prepared is None for sn, _ in norms)  # each layer used its record
-        assert all(sn.pending is not None for sn, _ in norms)
-        write_pending([sn for sn, _ in norms])  # what the engine does after the forward
-        assert all(sn.pending is None for sn, _ in norms)
         (theirs(x) ** 2).sum().backward()
         assert_layers_match(ours, theirs, "_v")
 
@@ -256,7 +254,6 @@ def test_prepared_step_on_convolutions(kind: str) -> None:
     for _ in range(2):
         prepare(norms)  # one fused step for all three: one backward through them all
         sum((a(x) ** 2).sum() for a in ours).backward()
-        write_pending([sn for sn, _ in norms])
         sum((b(x) ** 2).sum() for b in theirs).backward()
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a.parametrizations.weight.original.grad,
@@ -397,7 +394,7 @@ def test_fused_step_weight_changed_before_backward_raises() -> None:
 
 
 def test_fused_step_forward_that_raises_still_advances_the_layers_that_ran() -> None:
-    """The layers' new u/v are written together after the forward, also when it raises."""
+    """The layers that ran advanced their u/v, and no record outlives the forward."""
     ours, theirs = mixed_pair("fused")
 
     class Fails(nn.Module):  # conv1 and conv2 run, then the forward fails
@@ -416,8 +413,7 @@ def test_fused_step_forward_that_raises_still_advances_the_layers_that_ran() -> 
     for model in (wrapped_o, wrapped_t):
         with pytest.raises(ValueError, match="bad batch"):
             model(x)
-    assert not any(sn.pending is not None or sn.prepared is not None
-                   for sn, _ in norm_pairs(wrapped_o))
+    assert not any(sn.prepared is not None for sn, _ in norm_pairs(wrapped_o))
     before = mixed_pair("fused")[0]
     for name in ("conv1", "conv2", "up", "fc1", "fc2", "head"):
         a = getattr(ours, name).parametrizations.weight[0]
@@ -559,20 +555,88 @@ def test_fused_step_optimizer_step_between_two_backwards() -> None:
 
 
 def test_fused_step_layer_hooks_read_the_new_vectors() -> None:
-    """A layer's forward hook reading its u/v (to log sigma, say), directly or through the
-    state dict, sees the vectors its call advanced, as with torch's."""
+    """A layer's forward hook reading its u/v (to log sigma, say), directly, through the state
+    dict or through ``named_buffers``, sees the vectors its call advanced, as with torch's."""
     ours, theirs = mixed_pair("fused")
     seen: dict[str, list[torch.Tensor]] = {"ours": [], "theirs": []}
     for key, model in (("ours", ours), ("theirs", theirs)):
         def hook(layer: nn.Module, args: object, out: torch.Tensor, key: str = key) -> None:
             sn = layer.parametrizations.weight[0]
-            seen[key] += [sn._u.clone(), layer.state_dict()["parametrizations.weight.0._v"].clone()]
+            seen[key] += [dict(layer.named_buffers())["parametrizations.weight.0._u"].clone(),
+                          sn._u.clone(), layer.state_dict()["parametrizations.weight.0._v"].clone()]
         model.fc1.register_forward_hook(hook)
     x = torch.randn(2, 3, 8, 8)
     ours(x)
     theirs(x)
     for a, b in zip(seen["ours"], seen["theirs"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_steps_alternate_like_a_gan() -> None:
+    """The discriminator's weights need no gradient in the generator's step (no fused step for
+    a model of those alone; the generator's layers in a step of their own), then do again: each
+    set of layers keeps its fused step, and the numbers stay torch's."""
+
+    class Gan(nn.Module):
+        def __init__(self, d: nn.Module) -> None:
+            super().__init__()
+            self.g = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3 * 8 * 8))
+            self.d = d
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.d(self.g(z).view(-1, 3, 8, 8))
+
+    ours_d, theirs_d = mixed_pair("fused")
+    torch.manual_seed(5)
+    ours = Gan(ours_d)
+    theirs = copy.deepcopy(ours)
+    theirs.d = theirs_d
+    for a, b in zip(ours.g[::2], theirs.g[::2], strict=True):
+        torch.manual_seed(1)
+        spectral_norm(a)
+        torch.manual_seed(1)
+        parametrizations.spectral_norm(b)
+    spectral_engine.uninstall(ours_d)
+    engine = spectral_engine.install(ours)
+    force(ours, "fused")
+    z = torch.randn(2, 6)
+    for step in range(4):
+        for model in (ours, theirs):
+            model.zero_grad()
+            model.d.requires_grad_(step % 2 == 0)  # the generator's step: d frozen
+            (model(z) ** 2).sum().backward()
+        assert_mixed_match(ours.d, theirs.d, grads=step % 2 == 0)
+        for a, b in zip(ours.g[::2], theirs.g[::2], strict=True):
+            torch.testing.assert_close(a.parametrizations.weight.original.grad,
+                                       b.parametrizations.weight.original.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.parametrizations.weight[0]._u, b.parametrizations.weight[0]._u)
+    assert engine is not None and len(engine.steps) == 2
+    assert sorted(step.forward_calls for step in engine.steps.values()) == [2, 2]
+    with torch.no_grad():  # the discriminator alone, frozen: nothing to fuse, each layer on its own
+        ours.d.requires_grad_(False)
+        ours.g.requires_grad_(False)
+        ours(z)
+
+
+def test_compiled_region_calls_a_layer_that_already_ran() -> None:
+    """A layer run eagerly and then again inside a compiled function in one forward: torch's
+    code there, from the vectors the eager call advanced."""
+    ours, theirs = mixed_pair("fused")
+    torch._dynamo.reset()
+
+    def twice(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        again = torch.compile(lambda h: model.fc2(torch.relu(h)), backend="aot_eager")
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            h = model.fc2(torch.relu(model.fc1(model.up(torch.relu(model.conv2(
+                torch.relu(model.conv1(x))))).flatten(1))))
+            return model.head(again(h))
+        return forward
+
+    x = torch.randn(2, 3, 8, 8)
+    for model in (ours, theirs):
+        model.forward = twice(model)  # type: ignore[method-assign]
+    train_pair(ours, theirs, x, 2)
 
 
 def test_fused_step_follows_changed_settings_and_path() -> None:
@@ -592,7 +656,7 @@ def test_fused_step_follows_changed_settings_and_path() -> None:
     force(ours, "per-layer")
     runs = rebuilt.forward_calls
     train_pair(ours, theirs, x, 1)
-    assert rebuilt.forward_calls == runs and engine_of(ours).fused is None  # type: ignore[union-attr]
+    assert rebuilt.forward_calls == runs
 
 
 def test_fused_step_follows_the_model_to_another_dtype() -> None:
