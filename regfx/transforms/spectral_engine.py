@@ -12,8 +12,11 @@ A CPU fast path (the vector work of all layers as foreach ops) measured no faste
 per-layer path on CPUs (docs/performance.md), so there is none. The fused path runs on any device
 when forced (``engine.path``), as the tests do on CPU.
 
-The engine caches only which spectral norms the model has (their parametrization lists). Every
-step it reads the weights and ``u``/``v`` afresh, and each prepared record names the tensors it
+The engine caches which spectral norms the model has (their parametrization lists) and the
+fused steps it built (for a few sets of layers, each kept while its layers hold the same
+tensors). Every step it reads the weights and ``u``/``v`` afresh; weights that need no gradient
+are left to their layers (a momentum copy updated in the forward through ``.data``, which
+leaves no trace, iterates on the updated weight). Each prepared record names the tensors it
 was computed from, which a layer checks before using it (see
 :meth:`~regfx.transforms.spectral.SpectralNorm.forward`): nothing cached can outlive or stand
 in for the tensors it was built from. It runs only for the model it was installed on (not for a
