@@ -13,7 +13,7 @@ per-layer path on CPUs (docs/performance.md), so there is none. The fused path r
 when forced (``engine.path``), as the tests do on CPU.
 
 The engine caches which spectral norms the model has (their parametrization lists) and the
-fused steps it built (for a few sets of layers, each kept while its layers hold the same
+fused steps it built (for up to two sets of layers, each kept while its layers hold the same
 tensors). Every step it reads the weights and ``u``/``v`` afresh; weights that need no gradient
 are left to their layers (a momentum copy updated in the forward through ``.data``, which
 leaves no trace, iterates on the updated weight). Each prepared record names the tensors it
@@ -48,7 +48,7 @@ from regfx.transforms.spectral_fused import FusedSpectral, eligible
 __all__ = ["Path", "SpectralEngine", "engine_of", "install", "uninstall"]
 
 
-_STEPS_KEPT = 4
+_STEPS_KEPT = 2  # a GAN's two sets of layers; each holds two weight-sized buffers
 
 
 class Path(enum.Enum):
@@ -68,10 +68,10 @@ class SpectralEngine:
         cuda_graphs: whether the fused path replays CUDA graphs; None: where the weights are
             on CUDA.
         fused: the fused step used last (its buffers and graphs).
-        steps: the fused steps built, by the layers they cover (a few: in a GAN, the
+        steps: the fused steps built, by the layers they cover (two at most: in a GAN, the
             generator's and discriminator's layers in one step, the generator's alone while the
             discriminator's weights need no gradient), each reused while its layers hold the
-            same tensors.
+            same tensors; dropped when the model leaves CUDA.
         handles: the forward hooks it registered on ``root``.
     """
 
@@ -114,6 +114,9 @@ class SpectralEngine:
         if model is not self.root or not model.training:
             return
         if self.path is None and self.members[0].weight.device.type != "cuda":
+            if self.steps:  # moved off CUDA: the fused steps' buffers and graphs go
+                self.steps.clear()
+                self.fused = None
             return  # per layer: no fast path off CUDA (mixed devices are per layer too)
         current = []
         for member in self.members:
@@ -134,6 +137,7 @@ class SpectralEngine:
                     and fused.current(current))
         if reusable and self.path is not Path.PER_LAYER:
             self.fused = fused  # the same layers and tensors as before: the same choice
+            self.steps[key] = self.steps.pop(key)  # the most recently used goes last
             fused.run()  # type: ignore[union-attr]
             return
         if self.choose(current) is not Path.FUSED:
@@ -142,7 +146,7 @@ class SpectralEngine:
             fused = FusedSpectral(current, use_graphs=self._graphs(current))
             self.steps.pop(key, None)
             self.steps[key] = fused
-            while len(self.steps) > _STEPS_KEPT:  # the least recently built goes
+            while len(self.steps) > _STEPS_KEPT:  # the least recently used goes
                 del self.steps[next(iter(self.steps))]
         self.fused = fused
         fused.run()

@@ -616,6 +616,15 @@ def test_fused_steps_alternate_like_a_gan() -> None:
         ours.d.requires_grad_(False)
         ours.g.requires_grad_(False)
         ours(z)
+    ours.g.requires_grad_(True)
+    ours.d.fc1.requires_grad_(True)  # a third set: the least recently used of the two goes
+    before = list(engine.steps.values())
+    ours(z)
+    assert len(engine.steps) == 2 and engine.fused is not None and engine.fused not in before
+    assert len(engine.fused.members) == 3 and list(engine.steps.values())[0] is before[1]
+    engine.path = None  # the device's default: this CPU has no fast path, so the steps go
+    ours(z)
+    assert engine.steps == {} and engine.fused is None
 
 
 def test_compiled_region_calls_a_layer_that_already_ran() -> None:
