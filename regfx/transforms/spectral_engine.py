@@ -82,6 +82,7 @@ class SpectralEngine:
         self.cuda_graphs: bool | None = None
         self.fused: FusedSpectral | None = None
         self.steps: dict[tuple[SpectralNorm, ...], FusedSpectral] = {}
+        self.by_norm = {member.norm: member for member in members}
         self.handles: list[RemovableHandle] = []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -111,12 +112,13 @@ class SpectralEngine:
 
     def before_forward(self, model: nn.Module) -> None:
         """Prepare every spectral norm for ``model``'s training forward."""
-        if model is not self.root or not model.training:
+        if model is not self.root:
+            return
+        if self.steps:  # also in eval mode: a model moved to the CPU for inference, say
+            self._drop_steps(quick=True)
+        if not model.training:
             return
         if self.path is None and self.members[0].weight.device.type != "cuda":
-            if self.steps:  # moved off CUDA: the fused steps' buffers and graphs go
-                self.steps.clear()
-                self.fused = None
             return  # per layer: no fast path off CUDA (mixed devices are per layer too)
         current = []
         for member in self.members:
@@ -145,6 +147,7 @@ class SpectralEngine:
         if fused is None or not reusable:
             fused = FusedSpectral(current, use_graphs=self._graphs(current))
             self.steps.pop(key, None)
+            self._drop_steps(quick=False)  # something changed: steps of other layers may be stale
             self.steps[key] = fused
             while len(self.steps) > _STEPS_KEPT:  # the least recently used goes
                 del self.steps[next(iter(self.steps))]
@@ -154,13 +157,31 @@ class SpectralEngine:
     def _graphs(self, current: list[tuple[SpectralNorm, torch.Tensor]]) -> bool:
         return current[0][1].is_cuda if self.cuda_graphs is None else self.cuda_graphs
 
+    def _drop_steps(self, quick: bool) -> None:
+        """Drop the fused steps whose layers hold other weights now (``load_state_dict(
+        assign=True)``, ``to_empty``, ``.to()``): they would keep the old weights, and on CUDA
+        their buffers and graphs, alive. ``quick`` looks at each step's first layer only."""
+        for key, step in list(self.steps.items()):
+            pairs = step.members[:1] if quick else step.members
+            if not step.matches([(sn, self.by_norm[sn].weight) for sn, _ in pairs]):
+                del self.steps[key]
+                if self.fused is step:
+                    self.fused = None
+
     def after_forward(self, model: nn.Module) -> None:
-        """Drop what a layer the forward did not call left unused (part of an autograd graph)."""
+        """Drop what a layer the forward did not call left unused (part of an autograd graph),
+        and a fused step built for weights with an autograd history (substituted by
+        ``functional_call`` in a meta-learning loop): it would keep them and their graph
+        alive."""
         if model is not self.root:
             return
         for member in self.members:
             if member.norm.prepared is not None:
                 set_plain(member.norm, "prepared", None)
+        fused = self.fused
+        if fused is not None and not fused.leaf_weights:
+            self.steps = {k: v for k, v in self.steps.items() if v is not fused}
+            self.fused = None
 
     def remove(self) -> None:
         """Remove the hooks and everything prepared."""

@@ -82,6 +82,9 @@ class FusedSpectral:
         self.members = members
         self.weights = [w for _, w in members]
         self.key = _key(members)
+        # weights without an autograd history: a step for others (functional_call's fast
+        # weights in meta-learning) is not kept beyond its forward
+        self.leaf_weights = all(w.grad_fn is None for w in self.weights)
         self.use_graphs = self.graphs_requested = use_graphs
         self.n = members[0][0].n_power_iterations
         self.eps = members[0][0].eps
@@ -108,10 +111,15 @@ class FusedSpectral:
     def current(self, members: Members) -> bool:
         """Whether ``members`` are this step's layers, with the same weight and vector tensors
         still where the buffers and graphs expect them."""
-        return (len(members) == len(self.members)
-                and all(sn is sn0 and w is w0 for (sn, w), (sn0, w0)
-                        in zip(members, self.members, strict=True))
-                and _key(members) == self.key)
+        return len(members) == len(self.members) and self.matches(members)
+
+    def matches(self, members: Members) -> bool:
+        """Whether ``members`` are this step's first layers (or all of them) with the tensors
+        it was built for, where it expects them."""
+        n = len(members)
+        return (all(sn is sn0 and w is w0 for (sn, w), (sn0, w0)
+                    in zip(members, self.members[:n], strict=True))
+                and _key(members) == self.key[:n])
 
     def run(self) -> None:
         """Compute every normalized weight for the next forward in one operation and leave each
@@ -308,12 +316,16 @@ class _NormalizeAll(torch.autograd.Function):
         if all(g is None for g in grads):
             return (None,) * (len(grads) + 1)
         weights = ctx.weights
-        for g, w, version in zip(grads, weights, ctx.versions, strict=True):
+        for i, (g, w, version) in enumerate(zip(grads, weights, ctx.versions, strict=True)):
             if g is not None and w._version != version:
-                raise RuntimeError(  # autograd's own error for a saved tensor changed in place
-                    "one of the variables needed for gradient computation has been modified by "
-                    f"an inplace operation: [{w.type()} {list(w.shape)}] is at version "
-                    f"{w._version}; expected version {version} instead.")
+                if _gradient_wanted(w):
+                    raise RuntimeError(  # autograd's own error for a saved tensor changed in place
+                        "one of the variables needed for gradient computation has been modified "
+                        f"by an inplace operation: [{w.type()} {list(w.shape)}] is at version "
+                        f"{w._version}; expected version {version} instead.")
+                grads = (*grads[:i], None, *grads[i + 1:])  # not asked for: left out, as torch's
+        if all(g is None for g in grads):
+            return (None,) * (len(grads) + 1)
         if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated
             _, us, _, vs = fused.scalar_views(scalars)
             return (None, *(None if g is None else differentiable_grad(g, w, u, v, sn.dim)
@@ -323,6 +335,17 @@ class _NormalizeAll(torch.autograd.Function):
             fused = FusedSpectral(fused.members, use_graphs=False)
         views = fused.weight_views(fused.backward(grads, scalars))
         return (None, *(v if g is not None else None for v, g in zip(views, grads, strict=True)))
+
+
+def _gradient_wanted(w: torch.Tensor) -> bool:
+    """Whether the running backward computes a gradient for ``w``: ``backward(inputs=...)`` can
+    leave it out (one loss for the discriminator's parameters, another for the generator's).
+    True where autograd cannot tell (``torch.autograd.grad`` with leaf inputs)."""
+    try:
+        node = torch.autograd.graph.get_gradient_edge(w).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _key(members: Members) -> tuple[Any, ...]:

@@ -622,9 +622,64 @@ def test_fused_steps_alternate_like_a_gan() -> None:
     ours(z)
     assert len(engine.steps) == 2 and engine.fused is not None and engine.fused not in before
     assert len(engine.fused.members) == 3 and list(engine.steps.values())[0] is before[1]
-    engine.path = None  # the device's default: this CPU has no fast path, so the steps go
-    ours(z)
+    ours.eval().double()  # moved (here to another dtype), then used for inference: the steps go
+    ours(z.double())
     assert engine.steps == {} and engine.fused is None
+
+
+def test_fused_step_backward_for_some_parameters_after_another_weight_changed() -> None:
+    """``backward(inputs=...)`` for the first layers after the head's weight was stepped (one
+    forward, a loss per part): the head's gradient is not asked for, so its change is no
+    error, as with torch's."""
+    ours, theirs = mixed_pair("fused")
+    x = torch.randn(2, 3, 8, 8)
+    for model in (ours, theirs):
+        out = model(x)
+        head = model.head.parametrizations.weight.original
+        (out ** 2).sum().backward(inputs=[head], retain_graph=True)
+        with torch.no_grad():
+            head.sub_(0.1 * head.grad)
+        first = [model.conv1.parametrizations.weight.original,
+                 model.conv2.parametrizations.weight.original]
+        out.sum().backward(inputs=first, retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward(inputs=[head])  # asked for: autograd's error, as with torch's
+    for name in ("conv1", "conv2", "head"):
+        torch.testing.assert_close(getattr(ours, name).parametrizations.weight.original.grad,
+                                   getattr(theirs, name).parametrizations.weight.original.grad,
+                                   rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_steps_keep_no_replaced_or_substituted_weights_alive() -> None:
+    """A fused step for weights assigned since, or for ``functional_call``'s fast weights (with
+    an autograd history), is not kept: it would keep those weights (and their graph) alive."""
+    import gc
+    import weakref
+
+    ours, _ = mixed_pair("fused")
+    engine = engine_of(ours)
+    assert engine is not None
+    x = torch.randn(2, 3, 8, 8)
+    ours(x).sum().backward()
+    ours.head.requires_grad_(False)
+    ours(x).sum().backward()  # a second set of layers
+    assert len(engine.steps) == 2
+    old = [weakref.ref(p) for p in ours.parameters()]
+    ours.head.requires_grad_(True)
+    ours.load_state_dict({k: v.clone() for k, v in ours.state_dict().items()}, assign=True)
+    ours(x).sum().backward()
+    assert len(engine.steps) == 1  # the other set's step held the replaced weights
+    gc.collect()
+    assert all(ref() is None for ref in old)
+
+    params = dict(ours.named_parameters())
+    fast = {k: p * 1.0 for k, p in params.items()}  # fast weights with a history, as in MAML
+    torch.func.functional_call(ours, fast, (x,)).sum().backward()
+    refs = [weakref.ref(t) for t in fast.values()]
+    del fast
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert all(step.leaf_weights for step in engine.steps.values())
 
 
 def test_compiled_region_calls_a_layer_that_already_ran() -> None:
