@@ -313,8 +313,6 @@ class _NormalizeAll(torch.autograd.Function):
                  *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         fused: FusedSpectral = ctx.fused
         scalars = ctx.saved_tensors[0]
-        if all(g is None for g in grads):
-            return (None,) * (len(grads) + 1)
         weights = ctx.weights
         for i, (g, w, version) in enumerate(zip(grads, weights, ctx.versions, strict=True)):
             if g is not None and w._version != version:
